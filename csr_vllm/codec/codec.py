@@ -1,0 +1,114 @@
+"""The CSR codec for one tensor (K or V) of one layer: encode, decode, pack, unpack.
+
+This plain-PyTorch module is the reference every fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from csr_vllm.codec.config import TensorCodecConfig
+from csr_vllm.codec.packing import pack_fields, unpack_fields
+from csr_vllm.codec.pursuit import PURSUITS, reconstruct
+
+
+@dataclass
+class SparseCode:
+    """Sparse code of N vectors.
+
+    Attributes:
+        indices: [N, C, S] int64 atom indices.
+        coefs: [N, C, S] coefficients as stored (already quantised/dequantised).
+        scale: [N] per-vector scale for intB formats, else None.
+    """
+
+    indices: Tensor
+    coefs: Tensor
+    scale: Tensor | None
+
+
+class TensorCodec:
+    """Codes vectors [N, D] with C chunk dictionaries ``atoms`` [C, A, Dc]."""
+
+    def __init__(self, config: TensorCodecConfig, atoms: Tensor) -> None:
+        if atoms.ndim != 3 or atoms.shape[0] != config.chunks or atoms.shape[1] != config.num_atoms:
+            raise ValueError(
+                f"atoms shape {tuple(atoms.shape)} does not match config "
+                f"(chunks={config.chunks}, num_atoms={config.num_atoms})"
+            )
+        self.config = config
+        self.atoms = atoms
+        self.fmt = config.coef_format
+        self._pursuit = PURSUITS[config.pursuit]
+
+    @property
+    def head_dim(self) -> int:
+        return self.atoms.shape[0] * self.atoms.shape[2]
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """x [N, D] -> SparseCode; coefficients are quantised inside the pursuit."""
+        n, d = x.shape
+        if d != self.head_dim:
+            raise ValueError(f"expected vectors of dim {self.head_dim}, got {d}")
+        x = x.to(self.atoms.dtype)
+        scale = self.fmt.scale_for(x) if self.fmt.has_scale else None
+        chunks = x.reshape(n, self.config.chunks, -1)
+        idx, coef = [], []
+        for c in range(self.config.chunks):
+            quant = self._quantizer(scale)
+            i, w = self._pursuit(chunks[:, c], self.atoms[c], self.config.atoms_per_chunk, quant)
+            idx.append(i)
+            coef.append(w)
+        return SparseCode(torch.stack(idx, 1), torch.stack(coef, 1), scale)
+
+    def _quantizer(self, scale: Tensor | None):
+        fmt = self.fmt
+
+        def quantize(c: Tensor) -> Tensor:
+            return fmt.roundtrip(c[:, None], scale)[:, 0]
+
+        return quantize
+
+    def decode(self, code: SparseCode) -> Tensor:
+        """SparseCode -> reconstructed vectors [N, D] (dtype of the atoms)."""
+        parts = [
+            reconstruct(code.indices[:, c], code.coefs[:, c], self.atoms[c])
+            for c in range(self.config.chunks)
+        ]
+        return torch.cat(parts, dim=1)
+
+    def roundtrip(self, x: Tensor) -> Tensor:
+        """decode(encode(x)), in x's dtype."""
+        return self.decode(self.encode(x)).to(x.dtype)
+
+    # -- storage ---------------------------------------------------------------------------
+    def pack(self, code: SparseCode) -> Tensor:
+        """SparseCode -> [N, slot_bytes] uint8 (layout: :mod:`csr_vllm.codec.packing`)."""
+        n = code.indices.shape[0]
+        fields = []
+        if self.fmt.has_scale:
+            half = code.scale.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+            fields.append((half[:, None], 16))
+        fields.append((self.fmt.encode(code.coefs.reshape(n, -1), code.scale), self.fmt.bits))
+        fields.append((code.indices.reshape(n, -1), self.config.index_bits))
+        return pack_fields(fields, self.config.slot_bytes)
+
+    def unpack(self, packed: Tensor) -> SparseCode:
+        """[N, slot_bytes] uint8 -> SparseCode (inverse of :meth:`pack`)."""
+        n = packed.shape[0]
+        k = self.config.chunks * self.config.atoms_per_chunk
+        layout = ([(1, 16)] if self.fmt.has_scale else []) + [
+            (k, self.fmt.bits), (k, self.config.index_bits)
+        ]
+        fields = unpack_fields(packed, layout)
+        scale = None
+        if self.fmt.has_scale:
+            raw = fields.pop(0)[:, 0]
+            raw = torch.where(raw >= 1 << 15, raw - (1 << 16), raw)
+            scale = raw.to(torch.int16).view(torch.float16).to(self.atoms.dtype)
+        coefs = self.fmt.decode(fields[0], scale, self.atoms.dtype)
+        shape = (n, self.config.chunks, self.config.atoms_per_chunk)
+        return SparseCode(fields[1].reshape(shape), coefs.reshape(shape), scale)

@@ -1,0 +1,175 @@
+"""Typed codec settings and the named presets.
+
+A preset fixes everything that decides the slot size, so its all-in bits per channel follow
+from the layout in :mod:`csr_vllm.codec.packing` and are checked against the preset's name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from csr_vllm.codec.coefficients import SCALE_BITS, CoefFormat
+from csr_vllm.codec.packing import index_bits
+
+Pursuit = Literal["mp", "omp"]
+RopeMode = Literal["pre", "post"]
+
+
+@dataclass(frozen=True)
+class TensorCodecConfig:
+    """How one tensor (K or V) of a head vector is coded.
+
+    Attributes:
+        num_atoms: A, atoms per dictionary.
+        chunks: C (the paper's s_n); the head vector is cut into C equal chunks, each with
+            its own dictionary.
+        atoms_per_chunk: S, pursuit iterations per chunk.
+        coef: coefficient format (``fp16``, ``fp8``, ``int3``..``int8``).
+        pursuit: ``mp`` (the paper) or ``omp``.
+    """
+
+    num_atoms: int = 4096
+    chunks: int = 1
+    atoms_per_chunk: int = 2
+    coef: str = "int5"
+    pursuit: Pursuit = "omp"
+
+    def __post_init__(self) -> None:
+        CoefFormat(self.coef)  # validates the name
+        if self.num_atoms < 2 or self.chunks < 1 or self.atoms_per_chunk < 1:
+            raise ValueError(f"invalid tensor codec config {self}")
+        if self.pursuit not in ("mp", "omp"):
+            raise ValueError(f"pursuit must be 'mp' or 'omp', got {self.pursuit!r}")
+
+    @property
+    def coef_format(self) -> CoefFormat:
+        return CoefFormat(self.coef)
+
+    @property
+    def index_bits(self) -> int:
+        return index_bits(self.num_atoms)
+
+    @property
+    def payload_bits(self) -> int:
+        """Bits of one vector's code before byte padding."""
+        fmt = self.coef_format
+        atoms = self.chunks * self.atoms_per_chunk
+        return SCALE_BITS * fmt.has_scale + atoms * (fmt.bits + self.index_bits)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one vector's code occupies (padded to a whole byte)."""
+        return math.ceil(self.payload_bits / 8)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        if head_dim % self.chunks:
+            raise ValueError(f"head_dim {head_dim} is not divisible into {self.chunks} chunks")
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Complete CSR setting for a model: K and V coding plus dictionary sharing.
+
+    Attributes:
+        key, value: per-tensor coding.
+        key_rope: ``pre`` codes keys before RoPE (RoPE undone, coded, redone), ``post`` codes
+            the rotated keys vLLM stores.
+        layer_group: adjacent layers sharing one dictionary (1 = per-layer dictionaries).
+        per_head: one dictionary per KV head (True) or one shared by the layer's heads.
+    """
+
+    key: TensorCodecConfig = field(default_factory=TensorCodecConfig)
+    value: TensorCodecConfig = field(default_factory=lambda: TensorCodecConfig(chunks=2))
+    key_rope: RopeMode = "pre"
+    layer_group: int = 1
+    per_head: bool = False
+
+    def __post_init__(self) -> None:
+        if self.key_rope not in ("pre", "post"):
+            raise ValueError(f"key_rope must be 'pre' or 'post', got {self.key_rope!r}")
+        if self.layer_group < 1:
+            raise ValueError("layer_group must be >= 1")
+
+    def slot_bytes(self) -> int:
+        """Bytes per (token, KV head): K code + V code."""
+        return self.key.slot_bytes + self.value.slot_bytes
+
+    def bits_per_channel(self, head_dim: int) -> float:
+        """All-in bits per K/V channel of the stored codes (layout-derived)."""
+        self.key.check_head_dim(head_dim)
+        self.value.check_head_dim(head_dim)
+        return 8 * self.slot_bytes() / (2 * head_dim)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CodecConfig:
+        return cls(
+            key=TensorCodecConfig(**d["key"]),
+            value=TensorCodecConfig(**d["value"]),
+            key_rope=d["key_rope"],
+            layer_group=d["layer_group"],
+            per_head=d["per_head"],
+        )
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bit budget; the atoms per vector follow from the model's head_dim.
+
+    The budget is all-in bits per K/V channel of the stored slot. Keys and values get the same
+    number of bytes each, and as many atoms as fit: at head_dim 64, ``csr-1b`` is 8 bytes per
+    key (3 atoms x (13-bit index + fp8 coefficient) = 63 bits) and 8 per value.
+    """
+
+    name: str
+    budget_bits: float
+    num_atoms: int = 8192
+    coef: str = "fp8"
+    pursuit: Pursuit = "omp"
+    key_chunks: int = 1
+    value_chunks: int = 1
+    key_rope: RopeMode = "pre"
+
+    def _tensor(self, head_dim: int, chunks: int) -> TensorCodecConfig:
+        budget = int(self.budget_bits * head_dim) // 8 * 8  # whole bytes per tensor
+        probe = TensorCodecConfig(self.num_atoms, chunks, 1, self.coef, self.pursuit)
+        per_atom = probe.payload_bits - (SCALE_BITS if probe.coef_format.has_scale else 0)
+        fixed = probe.payload_bits - per_atom
+        atoms = (budget - fixed) // per_atom  # per_atom already spans all C chunks
+        if atoms < 1:
+            raise ValueError(f"preset {self.name} cannot fit one atom in {budget} bits "
+                             f"at head_dim {head_dim}")
+        return TensorCodecConfig(self.num_atoms, chunks, atoms, self.coef, self.pursuit)
+
+    def config_for(self, head_dim: int) -> CodecConfig:
+        """The codec setting this preset means for a model with ``head_dim``."""
+        cfg = CodecConfig(key=self._tensor(head_dim, self.key_chunks),
+                          value=self._tensor(head_dim, self.value_chunks), key_rope=self.key_rope)
+        assert cfg.bits_per_channel(head_dim) <= self.budget_bits + 1e-9
+        return cfg
+
+
+# Chosen by measurement on SmolLM2 (README "How the presets were chosen"). They share one
+# dictionary shape (8192 atoms, whole vectors, keys before RoPE), so one trained dictionary
+# folder serves every preset; presets differ only in atoms per vector.
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (Preset("csr-1b", 1.0), Preset("csr-1.5b", 1.5), Preset("csr-2b", 2.0),
+              Preset("csr-4b", 4.0))
+}
+
+DEFAULT_PRESET = "csr-2b"
+
+
+def get_preset(name: str) -> Preset:
+    """Look up a preset by name; an unknown name raises with the list of valid ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown CSR preset {name!r}; valid presets: {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,216 @@
+"""Dictionaries for a whole model, their on-disk format, and validation against a model.
+
+On disk a dictionary set is a folder with two files:
+
+* ``dictionary.safetensors``: ``key.atoms`` and ``value.atoms``, each [G, Hg, C, A, Dc] float32
+  (G layer groups, Hg = H with per-head dictionaries else 1), rows unit-norm.
+* ``manifest.json``: format version, the model's identity and shape, the codec settings, the
+  training data and statistics, and the SHA-256 of the tensor file.
+
+Only safetensors and JSON are read: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from csr_vllm.codec.codec import TensorCodec
+from csr_vllm.codec.config import CodecConfig
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "dictionary.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class DictionaryError(ValueError):
+    """A dictionary folder is missing, corrupt, or made for another model."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a dictionary must agree with in the model it serves."""
+
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    name: str = ""
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> ModelShape:
+        """Build from a transformers config (or anything with the same attributes)."""
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        rope = getattr(cfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        archs = getattr(cfg, "architectures", None) or [getattr(cfg, "model_type", "")]
+        return cls(
+            architecture=archs[0],
+            num_layers=cfg.num_hidden_layers,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim,
+            rope_theta=float(theta),
+            name=getattr(cfg, "_name_or_path", "") or "",
+        )
+
+    def mismatches(self, other: ModelShape) -> list[str]:
+        """Human-readable differences in the fields that decide compatibility (name excluded)."""
+        out = []
+        for f in ("architecture", "num_layers", "num_kv_heads", "head_dim", "rope_theta"):
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if mine != theirs:
+                out.append(f"{f}: dictionary has {mine!r}, model has {theirs!r}")
+        return out
+
+
+@dataclass
+class DictionarySet:
+    """All K and V dictionaries of one model.
+
+    Attributes:
+        config: codec settings the dictionaries were trained for.
+        shape: the model they belong to.
+        key_atoms, value_atoms: [G, Hg, C, A, Dc] unit-norm atoms.
+        info: training provenance and statistics (free-form JSON).
+    """
+
+    config: CodecConfig
+    shape: ModelShape
+    key_atoms: Tensor
+    value_atoms: Tensor
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        groups = -(-self.shape.num_layers // self.config.layer_group)
+        heads = self.shape.num_kv_heads if self.config.per_head else 1
+        for kind, atoms, tcfg in (
+            ("key", self.key_atoms, self.config.key),
+            ("value", self.value_atoms, self.config.value),
+        ):
+            want = (groups, heads, tcfg.chunks, tcfg.num_atoms, self.shape.head_dim // tcfg.chunks)
+            if tuple(atoms.shape) != want:
+                raise DictionaryError(
+                    f"{kind} atoms have shape {tuple(atoms.shape)}, expected {want} for "
+                    f"{self.shape.num_layers} layers, {self.shape.num_kv_heads} KV heads, "
+                    f"head_dim {self.shape.head_dim} and the codec settings"
+                )
+
+    def group_of(self, layer: int) -> int:
+        return layer // self.config.layer_group
+
+    def codec(self, kind: str, layer: int, head: int = 0) -> TensorCodec:
+        """The codec for ``kind`` ('key' or 'value') of ``layer`` / KV ``head``."""
+        atoms = self.key_atoms if kind == "key" else self.value_atoms
+        tcfg = self.config.key if kind == "key" else self.config.value
+        h = head if self.config.per_head else 0
+        return TensorCodec(tcfg, atoms[self.group_of(layer), h])
+
+    def with_codec(self, config: CodecConfig) -> DictionarySet:
+        """The same atoms coded with another setting (e.g. a preset's atoms per vector).
+
+        Atoms per vector and coefficient format may differ from what the dictionary was trained
+        with; everything that shapes the atoms must agree.
+        """
+        mine, theirs = self.config, config
+        diffs = [
+            f"{name}: dictionary has {a!r}, requested {b!r}"
+            for name, a, b in (
+                ("key atoms", mine.key.num_atoms, theirs.key.num_atoms),
+                ("value atoms", mine.value.num_atoms, theirs.value.num_atoms),
+                ("key chunks", mine.key.chunks, theirs.key.chunks),
+                ("value chunks", mine.value.chunks, theirs.value.chunks),
+                ("key_rope", mine.key_rope, theirs.key_rope),
+                ("layer_group", mine.layer_group, theirs.layer_group),
+                ("per_head", mine.per_head, theirs.per_head),
+            )
+            if a != b
+        ]
+        if diffs:
+            raise DictionaryError("dictionary does not fit this codec setting: " + "; ".join(diffs))
+        return DictionarySet(config, self.shape, self.key_atoms, self.value_atoms, self.info)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the atoms occupy in memory."""
+        return self.key_atoms.nbytes + self.value_atoms.nbytes
+
+    # -- persistence -----------------------------------------------------------------------
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {"key.atoms": self.key_atoms.float().contiguous(),
+                   "value.atoms": self.value_atoms.float().contiguous()}
+        save_file(tensors, folder / TENSORS_FILE)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": asdict(self.shape),
+            "codec": self.config.to_dict(),
+            "bits_per_channel": self.config.bits_per_channel(self.shape.head_dim),
+            "slot_bytes": self.config.slot_bytes(),
+            "tensors_sha256": _sha256(folder / TENSORS_FILE),
+            "info": self.info,
+        }
+        (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path, expect: ModelShape | None = None) -> DictionarySet:
+        """Load and validate a dictionary folder; ``expect`` is the model it must match."""
+        folder = Path(folder)
+        manifest_path, tensors_path = folder / MANIFEST_FILE, folder / TENSORS_FILE
+        for p in (manifest_path, tensors_path):
+            if not p.is_file():
+                raise DictionaryError(f"dictionary folder {folder} has no {p.name}")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as e:
+            raise DictionaryError(f"{manifest_path} is not valid JSON: {e}") from None
+        if not isinstance(manifest, dict):
+            raise DictionaryError(f"{manifest_path}: malformed manifest (not a JSON object)")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise DictionaryError(
+                f"{manifest_path}: format_version {version!r}, this csr-vllm reads {FORMAT_VERSION}"
+            )
+        try:
+            shape = ModelShape(**manifest["model"])
+            config = CodecConfig.from_dict(manifest["codec"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DictionaryError(f"{manifest_path}: malformed manifest ({e})") from None
+        if expect is not None and (diff := shape.mismatches(expect)):
+            raise DictionaryError(
+                f"dictionary {folder} was made for another model ({shape.name or '?'}): "
+                + "; ".join(diff)
+            )
+        digest = _sha256(tensors_path)
+        if digest != manifest.get("tensors_sha256"):
+            raise DictionaryError(
+                f"{tensors_path} is corrupt: SHA-256 {digest[:12]}... does not match the manifest"
+            )
+        try:
+            tensors = load_file(tensors_path)
+            key, value = tensors["key.atoms"], tensors["value.atoms"]
+        except (SafetensorError, KeyError, OSError) as e:
+            raise DictionaryError(f"{tensors_path} cannot be read: {e}") from None
+        norms = torch.cat([key.norm(dim=-1).flatten(), value.norm(dim=-1).flatten()])
+        if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+            raise DictionaryError(f"{tensors_path}: atoms are not unit-norm")
+        try:
+            return cls(config, shape, key, value, manifest.get("info", {}))
+        except TypeError as e:  # e.g. "num_layers": "3" slips past the dataclass constructor
+            raise DictionaryError(f"{manifest_path}: malformed manifest ({e})") from None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

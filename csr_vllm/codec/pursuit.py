@@ -1,0 +1,104 @@
+"""Sparse pursuit over a unit-norm dictionary: matching pursuit (the paper's) and OMP.
+
+Both are batched over N vectors and return the chosen atom indices and their coefficients.
+``quantize`` (optional) is applied to each coefficient as it is chosen, so the residual the
+pursuit continues from is the one the stored, quantised code will actually leave behind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Quantizer = Callable[[Tensor], Tensor]
+
+
+ROW_BLOCK = 8192  # rows per correlation block: keeps the [rows, A] buffer cache-friendly
+
+
+def best_atom(residual: Tensor, atoms: Tensor) -> tuple[Tensor, Tensor]:
+    """Index [N] and correlation [N] of the atom with the largest |<r, d_j>|."""
+    if residual.shape[0] > ROW_BLOCK:
+        parts = [best_atom(r, atoms) for r in residual.split(ROW_BLOCK)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    corr = residual @ atoms.T  # [N, A]
+    # max and min separately avoids materialising |corr|, a second [N, A] buffer.
+    vmax, imax = corr.max(dim=1)
+    vmin, imin = corr.min(dim=1)
+    take_min = vmin.abs() > vmax
+    return torch.where(take_min, imin, imax), torch.where(take_min, vmin, vmax)
+
+
+def matching_pursuit(
+    x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None
+) -> tuple[Tensor, Tensor]:
+    """Greedy MP with exactly ``s`` iterations.
+
+    Args:
+        x: [N, Dc] vectors.
+        atoms: [A, Dc] unit-norm atoms.
+        s: atoms per vector.
+        quantize: maps coefficients [N] to their stored (dequantised) values.
+    Returns:
+        (indices [N, S] int64, coefficients [N, S] in x.dtype)
+    """
+    residual = x.clone()
+    idx = torch.empty(x.shape[0], s, dtype=torch.long, device=x.device)
+    coef = torch.empty(x.shape[0], s, dtype=x.dtype, device=x.device)
+    for k in range(s):
+        j, c = best_atom(residual, atoms)
+        if quantize is not None:
+            c = quantize(c)
+        idx[:, k], coef[:, k] = j, c
+        residual = residual - c[:, None] * atoms[j]
+    return idx, coef
+
+
+def least_squares_coefficients(x: Tensor, atoms: Tensor, idx: Tensor, ridge: float = 1e-6) -> Tensor:
+    """Coefficients [N, S] minimising ||x - sum_k c_k atoms[idx_k]|| for a fixed support [N, S]."""
+    sel = atoms[idx]  # [N, S, Dc]
+    gram = sel @ sel.transpose(1, 2)  # [N, S, S]
+    eye = torch.eye(idx.shape[1], dtype=x.dtype, device=x.device)
+    rhs = (sel @ x[:, :, None]).squeeze(-1)  # [N, S]
+    # A repeated or near-parallel atom makes the Gram matrix singular; the ridge keeps the
+    # solve defined and splits the weight between the duplicates.
+    return torch.linalg.solve(gram + ridge * eye, rhs)
+
+
+def orthogonal_matching_pursuit(
+    x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None
+) -> tuple[Tensor, Tensor]:
+    """OMP: MP's greedy selection, but all coefficients refit by least squares after each pick.
+
+    The final coefficients are quantised jointly and refit once more: atom ``k`` is quantised,
+    then atoms ``k+1..S`` are refit to absorb its rounding error (sequential error feedback).
+    Shapes as :func:`matching_pursuit`.
+    """
+    n = x.shape[0]
+    idx = torch.empty(n, s, dtype=torch.long, device=x.device)
+    coef = x.new_zeros(n, 0)
+    residual = x
+    for k in range(s):
+        j, _ = best_atom(residual, atoms)
+        idx[:, k] = j
+        coef = least_squares_coefficients(x, atoms, idx[:, : k + 1])
+        residual = x - (coef[:, :, None] * atoms[idx[:, : k + 1]]).sum(1)
+    if quantize is None:
+        return idx, coef
+    fixed = x.new_zeros(n, s)
+    target = x
+    for k in range(s):
+        free = least_squares_coefficients(target, atoms, idx[:, k:])
+        fixed[:, k] = quantize(free[:, 0])
+        target = target - fixed[:, k, None] * atoms[idx[:, k]]
+    return idx, fixed
+
+
+def reconstruct(idx: Tensor, coef: Tensor, atoms: Tensor) -> Tensor:
+    """Sum of coefficient-weighted atoms: [N, S] x [N, S] x [A, Dc] -> [N, Dc]."""
+    return torch.einsum("ns,nsd->nd", coef, atoms[idx])
+
+
+PURSUITS = {"mp": matching_pursuit, "omp": orthogonal_matching_pursuit}

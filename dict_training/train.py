@@ -1,0 +1,184 @@
+"""Train a model's CSR dictionaries: collect K/V, k-means init, NeuralDict, save + manifest.
+
+Work is split into units (kind, layer group, head group, chunk). Each finished unit is written
+to ``OUT/partial/`` as safetensors, so an interrupted run resumes where it stopped; the final
+``dictionary.safetensors`` + ``manifest.json`` are written last.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
+from csr_vllm.codec.dictionary import DictionarySet, ModelShape
+from csr_vllm.codec.pursuit import PURSUITS, reconstruct
+from csr_vllm.dict_training.collect import collect_kv, token_windows
+from csr_vllm.dict_training.neuraldict import neuraldict, spherical_kmeans
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained dictionaries (recorded in the manifest)."""
+
+    codec: CodecConfig
+    preset: str | None = None
+    corpus: str = "train-hotpotqa"
+    window: int = 2048
+    train_windows: int = 24
+    holdout_windows: int = 2
+    max_vectors: int = 131072  # per unit, subsampled from what was collected
+    kmeans_iters: int = 8
+    neuraldict_steps: int = 60
+    neuraldict_batch: int = 4096
+    neuraldict_lr: float = 1e-3
+    seed: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: str  # "key" | "value"
+    group: int
+    head: int  # head group index (0 when dictionaries are shared by heads)
+    chunk: int
+
+    @property
+    def tag(self) -> str:
+        return f"{self.kind}_g{self.group}_h{self.head}_c{self.chunk}"
+
+
+def unit_vectors(kv: Tensor, unit: Unit, codec: CodecConfig, tcfg: TensorCodecConfig) -> Tensor:
+    """Vectors [N, Dc] a unit trains on, from collected [L, T, H, D]."""
+    layers = range(unit.group * codec.layer_group,
+                   min((unit.group + 1) * codec.layer_group, kv.shape[0]))
+    x = kv[list(layers)]
+    x = x[:, :, unit.head : unit.head + 1] if codec.per_head else x
+    dc = x.shape[-1] // tcfg.chunks
+    return x[..., unit.chunk * dc : (unit.chunk + 1) * dc].reshape(-1, dc).float()
+
+
+def relative_error(x: Tensor, atoms: Tensor, tcfg: TensorCodecConfig) -> float:
+    """||x - x_hat|| / ||x|| under the unit's pursuit (unquantised coefficients)."""
+    idx, coef = PURSUITS[tcfg.pursuit](x, atoms, tcfg.atoms_per_chunk)
+    return float((x - reconstruct(idx, coef, atoms)).norm() / x.norm())
+
+
+def train_unit(x: Tensor, x_eval: Tensor, tcfg: TensorCodecConfig, cfg: TrainConfig,
+               gen: torch.Generator) -> tuple[Tensor, dict]:
+    """k-means then NeuralDict for one unit; returns atoms [A, Dc] and statistics."""
+    if x.shape[0] > cfg.max_vectors:
+        x = x[torch.randperm(x.shape[0], generator=gen)[: cfg.max_vectors]]
+    t0 = time.perf_counter()
+    atoms = spherical_kmeans(x, tcfg.num_atoms, cfg.kmeans_iters, gen)
+    t1 = time.perf_counter()
+    stats = {"vectors": x.shape[0], "kmeans_seconds": round(t1 - t0, 2),
+             "kmeans_rel_error": relative_error(x_eval, atoms, tcfg)}
+    if cfg.neuraldict_steps > 0:
+        atoms, nd = neuraldict(x, atoms, tcfg.atoms_per_chunk, tcfg.pursuit,
+                               cfg.neuraldict_steps, cfg.neuraldict_batch, cfg.neuraldict_lr, gen)
+        stats.update(neuraldict_seconds=round(time.perf_counter() - t1, 2),
+                     neuraldict_rel_error=relative_error(x_eval, atoms, tcfg),
+                     neuraldict_mse_start=nd.mse_start, neuraldict_mse_end=nd.mse_end,
+                     neuraldict_orthogonality=nd.ortho_end)
+    return atoms, stats
+
+
+def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainConfig,
+                       progress: bool = True) -> DictionarySet:
+    """Train, save to ``out_dir`` (resumable) and return the dictionary set."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from csr_vllm.data.corpora import corpus_file
+
+    out = Path(out_dir)
+    partial = out / "partial"
+    partial.mkdir(parents=True, exist_ok=True)
+    run_file = partial / "run.json"
+    run = {"train": _jsonable(asdict(cfg)), "model_dir": str(model_dir)}
+    if run_file.is_file() and json.loads(run_file.read_text())["train"] != run["train"]:
+        raise ValueError(f"{partial} holds a run with other settings; delete it or pick another --out")
+    run_file.write_text(json.dumps(run, indent=1))
+
+    codec = cfg.codec
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    shape = ModelShape.from_hf_config(model.config)
+    units = _units(shape, codec)
+    todo = [u for u in units if not (partial / f"{u.tag}.safetensors").is_file()]
+
+    if todo:
+        text = corpus_file(cfg.corpus).read_text()
+        windows = token_windows(tokenizer, text, cfg.window, cfg.train_windows + cfg.holdout_windows)
+        kv = collect_kv(model, windows, codec.key_rope, progress)
+        split = cfg.train_windows * cfg.window
+        gen = torch.Generator().manual_seed(cfg.seed)
+        for unit in tqdm(todo, desc="train dictionaries", disable=not progress):
+            tcfg = codec.key if unit.kind == "key" else codec.value
+            src = kv.keys if unit.kind == "key" else kv.values
+            x = unit_vectors(src[:, :split], unit, codec, tcfg)
+            x_eval = unit_vectors(src[:, split:], unit, codec, tcfg)
+            gen.manual_seed(hash(unit.tag) % (2**31) + cfg.seed)
+            atoms, stats = train_unit(x, x_eval, tcfg, cfg, gen)
+            save_file({"atoms": atoms.contiguous()}, partial / f"{unit.tag}.safetensors",
+                      metadata={"stats": json.dumps(stats)})
+    del model
+
+    dicts = _assemble(shape, cfg, units, partial)
+    dicts.save(out)
+    return dicts
+
+
+def _units(shape: ModelShape, codec: CodecConfig) -> list[Unit]:
+    groups = -(-shape.num_layers // codec.layer_group)
+    heads = shape.num_kv_heads if codec.per_head else 1
+    return [Unit(kind, g, h, c)
+            for kind, tcfg in (("key", codec.key), ("value", codec.value))
+            for g in range(groups) for h in range(heads) for c in range(tcfg.chunks)]
+
+
+def _assemble(shape: ModelShape, cfg: TrainConfig, units: list[Unit], partial: Path) -> DictionarySet:
+    from safetensors import safe_open
+
+    codec = cfg.codec
+    groups = -(-shape.num_layers // codec.layer_group)
+    heads = shape.num_kv_heads if codec.per_head else 1
+    atoms = {}
+    all_stats = {}
+    for kind, tcfg in (("key", codec.key), ("value", codec.value)):
+        atoms[kind] = torch.zeros(groups, heads, tcfg.chunks, tcfg.num_atoms,
+                                  shape.head_dim // tcfg.chunks)
+    for u in units:
+        path = partial / f"{u.tag}.safetensors"
+        atoms[u.kind][u.group, u.head, u.chunk] = load_file(path)["atoms"]
+        with safe_open(str(path), "pt") as f:
+            all_stats[u.tag] = json.loads(f.metadata()["stats"])
+    info = {"preset": cfg.preset, "training": _jsonable(asdict(cfg)), "units": all_stats,
+            "summary": _summary(all_stats)}
+    return DictionarySet(codec, shape, atoms["key"], atoms["value"], info)
+
+
+def _summary(stats: dict) -> dict:
+    out = {}
+    for kind in ("key", "value"):
+        rows = [s for tag, s in stats.items() if tag.startswith(kind)]
+        if not rows:
+            continue
+        km = sum(r["kmeans_rel_error"] for r in rows) / len(rows)
+        out[f"{kind}_kmeans_rel_error"] = km
+        if "neuraldict_rel_error" in rows[0]:
+            nd = sum(r["neuraldict_rel_error"] for r in rows) / len(rows)
+            out[f"{kind}_neuraldict_rel_error"] = nd
+            out[f"{kind}_neuraldict_gain"] = km - nd
+    return out
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=str))

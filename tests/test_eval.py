@@ -1,0 +1,86 @@
+"""The perplexity harness on the real default model (short windows to stay fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
+from csr_vllm.codec.dictionary import DictionarySet, ModelShape
+from csr_vllm.dict_training.collect import token_windows
+from csr_vllm.evaluation.methods import CSR, KIVI, PerTokenHead, make_method
+from csr_vllm.evaluation.perplexity import perplexity, window_nlls
+
+pytestmark = pytest.mark.slow
+
+WINDOW = 384
+
+
+@pytest.fixture(scope="module")
+def windows(tokenizer, eval_text):
+    return token_windows(tokenizer, eval_text, WINDOW, 2)
+
+
+def test_exact_reproduces_model_perplexity(model, windows):
+    stock = window_nlls(model, windows, None, guard=0, progress=False)
+    harness = window_nlls(model, windows, make_method("exact"), guard=16, progress=False)
+    for (a, n), (b, m) in zip(stock, harness, strict=True):
+        assert n == m
+        assert math.isclose(a, b, rel_tol=2e-5)
+
+
+def test_bf16_is_close_to_exact(model, tokenizer, eval_text):
+    exact = perplexity(model, tokenizer, eval_text, make_method("exact"), 16, WINDOW, 1, False)
+    bf16 = perplexity(model, tokenizer, eval_text, make_method("bf16"), 16, WINDOW, 1, False)
+    assert bf16.bits_per_channel == 16
+    assert abs(bf16.perplexity / exact.perplexity - 1) < 5e-3
+
+
+def test_window_covering_everything_is_exact(model, windows):
+    """With W >= sequence length no token is read compressed, whatever the method."""
+    exact = window_nlls(model, windows[:1], make_method("exact"), WINDOW, progress=False)
+    kivi = window_nlls(model, windows[:1], make_method("kivi-2"), WINDOW, progress=False)
+    assert math.isclose(exact[0][0], kivi[0][0], rel_tol=1e-6)
+
+
+def test_compression_outside_the_window_costs_perplexity(model, windows):
+    exact = window_nlls(model, windows[:1], make_method("exact"), 16, progress=False)
+    kivi = window_nlls(model, windows[:1], make_method("kivi-2"), 16, progress=False)
+    assert kivi[0][0] > exact[0][0]
+
+
+def test_lossless_codec_gives_exact_perplexity(model, tokenizer, eval_text):
+    """An orthonormal dictionary with S = D atoms and fp16 coefficients is (nearly) lossless."""
+    shape = ModelShape.from_hf_config(model.config)
+    d = shape.head_dim
+    t = TensorCodecConfig(num_atoms=d, chunks=1, atoms_per_chunk=d, coef="fp16", pursuit="mp")
+    cfg = CodecConfig(key=t, value=t, key_rope="pre")
+    eye = torch.eye(d).expand(shape.num_layers, 1, 1, d, d).contiguous()
+    lossless = CSR(DictionarySet(cfg, shape, eye, eye.clone()), "csr-lossless")
+    exact = perplexity(model, tokenizer, eval_text, make_method("exact"), 16, WINDOW, 1, False)
+    got = perplexity(model, tokenizer, eval_text, lossless, 16, WINDOW, 1, False)
+    assert abs(got.perplexity / exact.perplexity - 1) < 1e-3
+
+
+@pytest.mark.parametrize(("method", "bits"), [
+    (KIVI(2), 3.0), (KIVI(4), 5.0), (PerTokenHead(8), 8.5), (PerTokenHead(4), 4.5)])
+def test_peer_bits_per_channel(method, bits):
+    assert method.bits_per_channel(64) == bits
+
+
+def test_unknown_method_lists_valid_ones():
+    with pytest.raises(ValueError, match="kivi-2"):
+        make_method("kivi-3")
+
+
+def test_cli_eval_writes_json(model_dir, eval_text_file, tmp_path):
+    from csr_vllm.cli import main
+
+    out = tmp_path / "r.json"
+    main(["eval", "--model", str(model_dir), "--text", str(eval_text_file), "--method", "int8",
+          "--guard", "32", "--window", "256", "--windows", "1", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert r["method"] == "int8" and r["tokens"] == 255 and r["perplexity"] > 1

@@ -1,0 +1,92 @@
+"""RULER needle-in-a-haystack harness: metric, generator plumbing, harness vs. plain model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from csr_vllm.evaluation.ruler import SUPPORTED_TASKS, generate_tasks, score
+
+
+def test_score_string_match_all() -> None:
+    assert score("The number is 8090293.", ["8090293"]) == 1.0
+    assert score("the KEY is abc-DEF", ["Abc-def"]) == 1.0  # case-insensitive
+    assert score("nothing here", ["8090293"]) == 0.0
+    assert score("1234 and 5678", ["1234", "5678", "9999", "0000"]) == 0.5
+    assert score("809029", ["8090293"]) == 0.0  # a truncated needle does not count
+    with pytest.raises(ValueError):
+        score("x", [])
+
+
+@pytest.mark.parametrize("task", ["niah_single_2", "niah_multivalue", "qa_1", "no_such_task"])
+def test_unsupported_task_names_supported_ones(task: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError) as err:
+        generate_tasks(task, tmp_path, 1024, 1, cache_dir=tmp_path)
+    for name in SUPPORTED_TASKS:
+        assert name in str(err.value)
+    if task.startswith("niah_"):
+        assert "punkt" in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from csr_vllm.model_fetch import fetch_model
+
+    return fetch_model()
+
+
+@pytest.fixture(scope="module")
+def samples(model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    from csr_vllm.data.corpora import long_context_eval_root
+
+    # A fresh cache so prepare.py really runs, sharing the already unpacked RULER wheel.
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "data").mkdir()
+    lce = long_context_eval_root()
+    (cache / "data" / lce.name).symlink_to(lce, target_is_directory=True)
+    return generate_tasks("niah_single_1", model_dir, 1024, 2, cache_dir=cache), cache
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+@pytest.mark.slow
+def test_generated_samples_fit_and_hold_the_needle(samples, model_and_tokenizer,
+                                                   model_dir: Path) -> None:
+    from csr_vllm.evaluation.ruler import prompt_ids
+
+    trials, cache = samples
+    _, tokenizer = model_and_tokenizer
+    assert len(trials) == 2
+    for s in trials:
+        assert s.outputs and all(o in s.input for o in s.outputs)
+        assert s.input.endswith("mentioned in the provided text is")  # the answer prefix
+        assert len(prompt_ids(tokenizer, s.input)) <= 1024
+        assert s.length <= 1024
+    # Second call: served from the cache, identical.
+    again = generate_tasks("niah_single_1", model_dir, 1024, 2, cache_dir=cache)
+    assert again == trials
+
+
+@pytest.mark.slow
+def test_exact_method_matches_plain_model(samples, model_and_tokenizer) -> None:
+    from csr_vllm.evaluation.methods import Exact
+    from csr_vllm.evaluation.ruler import evaluate
+
+    trials, _ = samples
+    model, tokenizer = model_and_tokenizer
+    plain = evaluate(model, tokenizer, trials, None, guard=64, progress=False)
+    # A guard shorter than the prompt so most keys go through the (exact) reconstruction path.
+    harness = evaluate(model, tokenizer, trials, Exact(), guard=64, progress=False)
+    assert harness.predictions == plain.predictions
+    assert harness.correct == plain.correct
+    assert harness.method == "exact" and plain.method == "model"
+    assert all(p for p in plain.predictions)

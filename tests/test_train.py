@@ -1,0 +1,75 @@
+"""Dictionary training end to end on the real model (tiny settings)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
+from csr_vllm.codec.dictionary import DictionarySet, ModelShape
+from csr_vllm.dict_training.train import TrainConfig, train_dictionaries
+from csr_vllm.evaluation.methods import make_method
+from csr_vllm.evaluation.perplexity import perplexity
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(**kw) -> TrainConfig:
+    t = TensorCodecConfig(num_atoms=64, chunks=1, atoms_per_chunk=2, coef="fp8")
+    v = TensorCodecConfig(num_atoms=64, chunks=2, atoms_per_chunk=1, coef="fp8")
+    base = dict(codec=CodecConfig(key=t, value=v, layer_group=10), window=256, train_windows=1,
+                holdout_windows=1, max_vectors=4096, kmeans_iters=2, neuraldict_steps=4,
+                neuraldict_batch=256)
+    return TrainConfig(**(base | kw))
+
+
+@pytest.fixture(scope="module")
+def trained(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dict")
+    return out, train_dictionaries(model_dir, out, tiny_config(), progress=False)
+
+
+def test_training_writes_a_valid_dictionary(trained, model):
+    out, dicts = trained
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [
+        "dictionary.safetensors", "manifest.json"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    shape = ModelShape.from_hf_config(model.config)
+    assert manifest["model"]["num_layers"] == shape.num_layers
+    assert manifest["model"]["head_dim"] == shape.head_dim
+    assert manifest["codec"]["value"]["chunks"] == 2
+    assert manifest["info"]["training"]["corpus"] == "train-hotpotqa"
+    assert "key_neuraldict_gain" in manifest["info"]["summary"]
+    loaded = DictionarySet.load(out, expect=shape)
+    assert torch.equal(loaded.key_atoms, dicts.key_atoms)
+    assert loaded.key_atoms.shape == (3, 1, 1, 64, 64)  # 30 layers in groups of 10
+    assert loaded.value_atoms.shape == (3, 1, 2, 64, 32)
+
+
+def test_training_resumes_without_redoing_units(trained, model_dir):
+    out, _ = trained
+    partial = out / "partial"
+    before = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.safetensors")}
+    (partial / "value_g2_h0_c1.safetensors").unlink()
+    train_dictionaries(model_dir, out, tiny_config(), progress=False)
+    after = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.safetensors")}
+    assert after.keys() == before.keys()
+    redone = [k for k in before if after[k] != before[k]]
+    assert redone == ["value_g2_h0_c1.safetensors"]
+
+
+def test_resume_with_other_settings_is_refused(trained, model_dir):
+    out, _ = trained
+    with pytest.raises(ValueError, match="other settings"):
+        train_dictionaries(model_dir, out, tiny_config(seed=1), progress=False)
+
+
+def test_trained_dictionary_runs_in_the_harness(trained, model, tokenizer, eval_text):
+    out, _ = trained
+    shape = ModelShape.from_hf_config(model.config)
+    csr = make_method("csr", out, shape)
+    exact = perplexity(model, tokenizer, eval_text, make_method("exact"), 16, 256, 1, False)
+    got = perplexity(model, tokenizer, eval_text, csr, 16, 256, 1, False)
+    assert exact.perplexity < got.perplexity < 3 * exact.perplexity
