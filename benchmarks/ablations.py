@@ -8,7 +8,7 @@ Every comparison holds everything else fixed and reports the relative L2 reconst
 1. keys coded before vs after RoPE (k-means dictionaries trained by the same recipe)
 2. matching pursuit (the paper) vs OMP, same dictionary
 3. k-means-only vs NeuralDict dictionaries
-4. guard window W for csr-1b, csr-2b and kivi-2
+4. guard window W for csr-1b and kivi-2
 
 Writes ``OUT/ablations.json`` and ``OUT/ablations.md``.
 """
@@ -26,7 +26,7 @@ from csr_vllm.codec.config import get_preset
 from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.data.corpora import corpus_file
 from csr_vllm.dict_training.collect import collect_kv, token_windows
-from csr_vllm.dict_training.train import TrainConfig, train_dictionaries
+from csr_vllm.dict_training.train import train_dictionaries
 from csr_vllm.evaluation.methods import CSR, make_method
 from csr_vllm.evaluation.perplexity import perplexity
 
@@ -46,16 +46,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model")
     p.add_argument("--dict", help="the NeuralDict dictionary (default: the default dictionary)")
-    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--windows", type=int, default=1)
     p.add_argument("--guard", type=int, default=128)
-    p.add_argument("--guards", default="32,64,128,256")
+    p.add_argument("--guards", default="32,128,512")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from csr_vllm.cli import _model_dir
-    from csr_vllm.defaults import default_dictionary
+    from csr_vllm.defaults import default_dictionary, default_train_config
     from csr_vllm.paths import cache_root
 
     model_dir = _model_dir(args.model)
@@ -84,12 +84,14 @@ def main() -> None:
     base = record(f"bf16|W{args.guard}", lambda: {"ppl": ppl(make_method("bf16"))})["ppl"]
     inc = lambda v: 100 * (v / base - 1)  # noqa: E731
 
-    # Dictionaries trained by one cheap recipe, differing only in key RoPE placement.
+    # k-means-only dictionaries, differing only in key RoPE placement.
     km = {}
     for rope in ("pre", "post"):
-        codec = dataclasses.replace(nd.config, key_rope=rope)
-        cfg = TrainConfig(codec=codec, train_windows=6, max_vectors=32768, kmeans_iters=5,
-                          neuraldict_steps=0)
+        # The default recipe with NeuralDict switched off: same data, same seeded k-means, so
+        # "pre" is exactly the initialisation NeuralDict started from.
+        base_cfg = default_train_config(shape.head_dim)
+        cfg = dataclasses.replace(base_cfg, neuraldict_steps=0,
+                                  codec=dataclasses.replace(base_cfg.codec, key_rope=rope))
         km[rope] = train_dictionaries(model_dir, cache_root() / "ablations" / f"kmeans-{rope}",
                                       cfg, progress=True)
     kv = {rope: collect_kv(model, held, rope, progress=False) for rope in ("pre", "post")}
@@ -117,7 +119,7 @@ def main() -> None:
                 "ppl_increase": inc(ppl(CSR(d)))})
     for w in (int(x) for x in args.guards.split(",")):
         b = record(f"bf16|W{w}", lambda w=w: {"ppl": ppl(make_method("bf16"), w)})["ppl"]
-        for m in ("csr-1b", "csr-2b", "kivi-2"):
+        for m in ("csr-1b", "kivi-2"):
             record(f"guard|{m}|W{w}", lambda m=m, w=w, b=b: {
                 "ppl_increase": 100 * (ppl(make_method(m, nd_dir, shape), w) / b - 1)})
 

@@ -79,12 +79,20 @@ def main() -> None:
             save()
 
     if args.ruler_samples > 0:
-        from csr_vllm.evaluation.ruler import run_ruler_cached
+        from csr_vllm.evaluation.ruler import evaluate, generate_tasks
 
-        run_ruler_cached(results["ruler"], model, tokenizer, model_dir, args.ruler_task,
-                         [int(x) for x in args.ruler_lengths.split(",")], args.ruler_samples,
-                         {m: make_method(m, dict_dir, shape) for m in args.ruler_methods.split(",")},
-                         args.guard, save)
+        ruler = results["ruler"].setdefault(f"{args.ruler_task}|W{args.guard}", {})
+        for length in (int(x) for x in args.ruler_lengths.split(",")):
+            trials = generate_tasks(args.ruler_task, model_dir, length, args.ruler_samples)
+            for name in args.ruler_methods.split(","):
+                if str(length) in ruler.get(name, {}):
+                    continue
+                r = evaluate(model, tokenizer, trials, make_method(name, dict_dir, shape),
+                             args.guard)
+                ruler.setdefault(name, {})[str(length)] = {
+                    "accuracy": r.accuracy, "correct": sum(r.correct), "trials": r.trials,
+                    "per_trial": r.correct, "predictions": r.predictions}
+                save()
     save()
     table = markdown(results, args)
     (out / "quality.md").write_text(table)
@@ -117,7 +125,7 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
             cells += [f"{r['perplexity']:.3f}" if r else "-",
                       f"{100 * (r['perplexity'] / b['perplexity'] - 1):+.2f}%" if r and b else "-"]
         lines.append("| " + " | ".join(cells) + " |")
-    ruler = results.get("ruler", {}).get(args.ruler_task, {})
+    ruler = results.get("ruler", {}).get(f"{args.ruler_task}|W{args.guard}", {})
     if ruler:
         lengths = sorted({int(length) for m in ruler.values() for length in m})
         lines += ["", f"RULER `{args.ruler_task}` accuracy (same trials for every method):", "",

@@ -54,6 +54,7 @@ def cmd_train_dict(args: argparse.Namespace) -> None:
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     cfg = TrainConfig(codec=_codec_from_args(args, shape.head_dim), preset=args.preset,
                       train_windows=args.windows, neuraldict_steps=args.steps, seed=args.seed,
+                      kmeans_iters=args.kmeans_iters,
                       max_vectors=args.max_vectors)
     dicts = train_dictionaries(model, args.out, cfg)
     print(json.dumps({"out": str(args.out), "bits_per_channel":
@@ -106,6 +107,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
           "stops after preparing the model and the dictionary.")
 
 
+def cmd_ruler(args: argparse.Namespace) -> None:
+    from transformers import AutoConfig
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.evaluation.methods import make_method
+    from csr_vllm.evaluation.ruler import run_ruler
+
+    model_dir = _model_dir(args.model)
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    methods = {m: make_method(m, args.dict, shape) for m in args.methods.split(",")}
+    res = run_ruler(model_dir, args.task, [int(x) for x in args.lengths.split(",")],
+                    args.samples, methods, args.guard)
+    out = {"task": args.task, "guard": args.guard, "results": res}
+    summary = {m: {n: f"{sum(r['correct'])}/{r['trials']}" for n, r in per.items()}
+               for m, per in res.items()}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from csr_vllm.codec.config import PRESETS
 
@@ -137,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--key-rope", default="pre", choices=["pre", "post"])
     t.add_argument("--layer-group", type=int, default=1)
     t.add_argument("--per-head", action="store_true")
-    t.add_argument("--windows", type=int, default=24, help="2048-token training windows")
-    t.add_argument("--steps", type=int, default=60, help="NeuralDict steps per dictionary (0: k-means only)")
-    t.add_argument("--max-vectors", type=int, default=131072)
+    t.add_argument("--windows", type=int, default=16, help="2048-token training windows")
+    t.add_argument("--steps", type=int, default=20, help="NeuralDict steps per dictionary (0: k-means only)")
+    t.add_argument("--kmeans-iters", type=int, default=4)
+    t.add_argument("--max-vectors", type=int, default=49152, help="training vectors per dictionary")
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(fn=cmd_train_dict)
 
@@ -154,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=int, default=8, help="number of windows")
     e.add_argument("--json", help="write the result here")
     e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("ruler", help="RULER needle retrieval accuracy with compressed KV")
+    r.add_argument("--model", help="HF model folder (default: the default model)")
+    r.add_argument("--task", default="niah_single_1",
+                   help="niah_single_1 | niah_multikey_2 | niah_multikey_3")
+    r.add_argument("--lengths", default="1024,2048,4096")
+    r.add_argument("--samples", type=int, default=20, help="trials per length")
+    r.add_argument("--methods", default="bf16,csr-2b", help="comma-separated methods")
+    r.add_argument("--dict", help="dictionary folder (csr methods)")
+    r.add_argument("--guard", type=int, default=128)
+    r.add_argument("--json", help="write the result here")
+    r.set_defaults(fn=cmd_ruler)
     return p
 
 

@@ -90,3 +90,13 @@ def test_exact_method_matches_plain_model(samples, model_and_tokenizer) -> None:
     assert harness.correct == plain.correct
     assert harness.method == "exact" and plain.method == "model"
     assert all(p for p in plain.predictions)
+
+
+@pytest.mark.slow
+def test_answer_budget_fits_uuid_needles(model_and_tokenizer) -> None:
+    from csr_vllm.evaluation.ruler import answer_budget
+
+    _, tokenizer = model_and_tokenizer
+    uuid = "757750a9-a491-40b2-aa1f-ca65e27a984d"
+    assert answer_budget(tokenizer, [uuid]) >= len(tokenizer.tokenize(" " + uuid)) + 1
+    assert answer_budget(tokenizer, ["8090293"]) < answer_budget(tokenizer, ["8090293", "1234567"])

@@ -73,3 +73,16 @@ def test_trained_dictionary_runs_in_the_harness(trained, model, tokenizer, eval_
     exact = perplexity(model, tokenizer, eval_text, make_method("exact"), 16, 256, 1, False)
     got = perplexity(model, tokenizer, eval_text, csr, 16, 256, 1, False)
     assert exact.perplexity < got.perplexity < 3 * exact.perplexity
+
+
+def test_unit_seeds_are_stable_across_processes():
+    """Regression: seeds came from hash(), which Python salts per process."""
+    import subprocess
+    import sys
+
+    code = ("from csr_vllm.dict_training.train import Unit, unit_seed;"
+            "print(unit_seed(Unit('key', 3, 0, 0), 0))")
+    seeds = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={"PYTHONHASHSEED": str(s)}, check=True).stdout
+             for s in (1, 2)}
+    assert len(seeds) == 1

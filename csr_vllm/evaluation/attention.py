@@ -63,6 +63,13 @@ class GuardWindowAttention:
         k, v = key[0].float(), value[0].float()
         k_hat, v_hat = self._reconstruct(module.layer_idx, k, v)
         tq, tk = query.shape[2], k.shape[1]
+        if tq == 1:  # decoding: one query, so the window is a plain split of the key axis
+            cut = max(tk - self.window, 0)
+            k_mix = torch.cat([k_hat[:, :cut], k[:, cut:]], dim=1)[None]
+            v_mix = torch.cat([v_hat[:, :cut], v[:, cut:]], dim=1)[None]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query.float(), k_mix, v_mix, scale=scaling, enable_gqa=groups > 1)
+            return out.transpose(1, 2).to(query.dtype), None
         qpos = torch.arange(tk - tq, tk)
         dist = qpos[:, None] - torch.arange(tk)[None, :]  # [Tq, Tk]
         exact = (dist >= 0) & (dist < self.window)

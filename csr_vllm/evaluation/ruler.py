@@ -187,6 +187,14 @@ def prompt_ids(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def answer_budget(tokenizer, outputs: list[str]) -> int:
+    """New tokens enough to write every reference answer, plus slack for punctuation."""
+    # A UUID needle is ~37 SmolLM2 tokens, so one fixed small budget would truncate
+    # niah_multikey_3 answers; RULER's own 128 would make every trial pay for 128 decode steps.
+    written = " " + ", ".join(outputs)
+    return len(tokenizer(written, add_special_tokens=False)["input_ids"]) + 4
+
+
 def _head_dim(model) -> int:
     return getattr(model.config, "head_dim", None) or (
         model.config.hidden_size // model.config.num_attention_heads)
@@ -194,7 +202,7 @@ def _head_dim(model) -> int:
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | None, guard: int,
-             max_new_tokens: int = 16, progress: bool = True) -> RulerResult:
+             max_new_tokens: int | None = None, progress: bool = True) -> RulerResult:
     """Answer every sample by greedy decoding with the KV cache stored by ``method``.
 
     Args:
@@ -203,8 +211,9 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
         samples: from :func:`generate_tasks`.
         method: the KV method outside the guard window; ``None`` runs the model untouched.
         guard: tokens each query attends to exactly (ignored when ``method`` is None).
-        max_new_tokens: answer budget; RULER's needles (7-digit numbers, UUIDs) need < 16 tokens
-            after the answer prefix.
+        max_new_tokens: tokens to decode per sample; ``None`` sizes it per sample with
+            :func:`answer_budget` (the budget depends only on the references, so every method
+            gets the same one).
         progress: show a progress bar.
     """
     name = method.name if method else "model"
@@ -218,8 +227,9 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
             if attn is not None:
                 attn.reset()
             ids = prompt_ids(tokenizer, sample.input)[None]
+            budget = max_new_tokens or answer_budget(tokenizer, sample.outputs)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
+                                 max_new_tokens=budget, pad_token_id=pad)
             text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             pred = _postprocess(text)
             predictions.append(pred)
@@ -231,7 +241,7 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
 
 def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int,
               methods: dict[str, KVMethod], guard: int, seed: int = _BASE_SEED,
-              max_new_tokens: int = 16, cache_dir: Path | None = None,
+              max_new_tokens: int | None = None, cache_dir: Path | None = None,
               progress: bool = True) -> dict:
     """Evaluate every method on the same RULER samples at each length.
 
