@@ -9,6 +9,7 @@ Every comparison holds everything else fixed and reports the relative L2 reconst
 2. matching pursuit (the paper) vs OMP, same dictionary
 3. k-means-only vs NeuralDict dictionaries
 4. guard window W for csr-1b and kivi-2
+5. attention sinks: the first 4 tokens also kept exact (csr-1b, csr-2b, kivi-2)
 
 Writes ``OUT/ablations.json`` and ``OUT/ablations.md``.
 """
@@ -49,8 +50,12 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=1)
     p.add_argument("--guard", type=int, default=128)
     p.add_argument("--guards", default="32,128,512")
+    p.add_argument("--only", default="rope,pursuit,dict,guard,sinks",
+                   help="comma-separated sections to run")
+    p.add_argument("--presets", default="csr-1b,csr-2b")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
+    only = set(args.only.split(","))
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,8 +77,9 @@ def main() -> None:
     nd = DictionarySet.load(nd_dir, expect=shape)
     held = token_windows(tok, text, 2048, 1, offset_tokens=2048 * 40)  # not a ppl window
 
-    def ppl(method, guard=args.guard) -> float:
-        return perplexity(model, tok, text, method, guard, 2048, args.windows, False).perplexity
+    def ppl(method, guard=args.guard, sinks=0) -> float:
+        return perplexity(model, tok, text, method, guard, 2048, args.windows, False,
+                          sinks).perplexity
 
     def record(key: str, fn) -> dict:
         if key not in res:
@@ -86,7 +92,7 @@ def main() -> None:
 
     # k-means-only dictionaries, differing only in key RoPE placement.
     km = {}
-    for rope in ("pre", "post"):
+    for rope in ("pre", "post") if only & {"rope", "dict"} else ():
         # The default recipe with NeuralDict switched off: same data, same seeded k-means, so
         # "pre" is exactly the initialisation NeuralDict started from.
         base_cfg = default_train_config(shape.head_dim)
@@ -96,14 +102,14 @@ def main() -> None:
                                       cfg, progress=True)
     kv = {rope: collect_kv(model, held, rope, progress=False) for rope in ("pre", "post")}
 
-    for preset in ("csr-1b", "csr-2b"):
+    for preset in args.presets.split(","):
         cfg = get_preset(preset).config_for(shape.head_dim)
-        for rope in ("pre", "post"):
+        for rope in ("pre", "post") if "rope" in only else ():
             d = km[rope].with_codec(dataclasses.replace(cfg, key_rope=rope))
             record(f"rope|{preset}|{rope}", lambda d=d, rope=rope: {
                 "key_rel_error": rel_error(d, "key", kv[rope].keys),
                 "ppl_increase": inc(ppl(CSR(d)))})
-        for pursuit in ("mp", "omp"):
+        for pursuit in ("mp", "omp") if "pursuit" in only else ():
             c = dataclasses.replace(cfg, key=dataclasses.replace(cfg.key, pursuit=pursuit),
                                     value=dataclasses.replace(cfg.value, pursuit=pursuit))
             d = nd.with_codec(c)
@@ -111,17 +117,22 @@ def main() -> None:
                 "key_rel_error": rel_error(d, "key", kv["pre"].keys),
                 "value_rel_error": rel_error(d, "value", kv["pre"].values),
                 "ppl_increase": inc(ppl(CSR(d)))})
-        for name, src in (("kmeans", km["pre"]), ("neuraldict", nd)):
+        for name, src in (("kmeans", km["pre"]), ("neuraldict", nd)) if "dict" in only else ():
             d = src.with_codec(cfg)
             record(f"dict|{preset}|{name}", lambda d=d: {
                 "key_rel_error": rel_error(d, "key", kv["pre"].keys),
                 "value_rel_error": rel_error(d, "value", kv["pre"].values),
                 "ppl_increase": inc(ppl(CSR(d)))})
-    for w in (int(x) for x in args.guards.split(",")):
+    for w in (int(x) for x in args.guards.split(",")) if "guard" in only else ():
         b = record(f"bf16|W{w}", lambda w=w: {"ppl": ppl(make_method("bf16"), w)})["ppl"]
         for m in ("csr-1b", "kivi-2"):
             record(f"guard|{m}|W{w}", lambda m=m, w=w, b=b: {
                 "ppl_increase": 100 * (ppl(make_method(m, nd_dir, shape), w) / b - 1)})
+
+    for m in ("csr-1b", "csr-2b", "kivi-2") if "sinks" in only else ():
+        for sinks in (0, 4):
+            record(f"sinks|{m}|{sinks}", lambda m=m, sinks=sinks: {
+                "ppl_increase": inc(ppl(make_method(m, nd_dir, shape), sinks=sinks))})
 
     lines = ["| ablation | setting | key rel. error | value rel. error | ppl increase |",
              "|---|---|---|---|---|"]

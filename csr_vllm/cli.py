@@ -76,7 +76,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     shape = ModelShape.from_hf_config(model.config)
     method = make_method(args.method, args.dict, shape)
     result = perplexity(model, tokenizer, Path(args.text).read_text(), method, args.guard,
-                        args.window, args.windows)
+                        args.window, args.windows, sinks=args.sinks)
     out = result.to_dict() | {"model": str(model_dir), "text": str(args.text)}
     print(json.dumps(out, indent=1))
     if args.json:
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 | exact | int8 | int4 | kivi-2 | kivi-4 | csr | csr-<preset>")
     e.add_argument("--dict", help="dictionary folder (csr methods)")
     e.add_argument("--guard", type=int, default=128, help="dense recent window W (tokens)")
+    e.add_argument("--sinks", type=int, default=0,
+                   help="first tokens of each window also kept exact (attention sinks)")
     e.add_argument("--window", type=int, default=2048, help="tokens per evaluation window")
     e.add_argument("--windows", type=int, default=8, help="number of windows")
     e.add_argument("--json", help="write the result here")

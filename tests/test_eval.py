@@ -84,3 +84,25 @@ def test_cli_eval_writes_json(model_dir, eval_text_file, tmp_path):
           "--guard", "32", "--window", "256", "--windows", "1", "--json", str(out)])
     r = json.loads(out.read_text())
     assert r["method"] == "int8" and r["tokens"] == 255 and r["perplexity"] > 1
+
+
+@pytest.mark.parametrize("sinks", [0, 2])
+def test_decode_step_matches_full_forward(model, windows, sinks):
+    """Incremental decoding (one query, cached reconstructions) sees what a full pass sees."""
+    from csr_vllm.evaluation.attention import guard_window_attention
+
+    ids = windows[0][:96][None]
+    method = make_method("int4")
+    with torch.inference_mode(), guard_window_attention(model, method, 8, sinks) as attn:
+        full = model(ids).logits[0, -1]
+        attn.reset()
+        out = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=out.past_key_values).logits[0, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+
+
+def test_sinks_keep_the_first_tokens_exact(model, windows):
+    exact = window_nlls(model, windows[:1], make_method("exact"), 16, progress=False)
+    kivi = window_nlls(model, windows[:1], make_method("kivi-2"), 16, progress=False)
+    kivi_sinks = window_nlls(model, windows[:1], make_method("kivi-2"), 16, False, sinks=4)
+    assert exact[0][0] < kivi_sinks[0][0] < kivi[0][0]

@@ -15,7 +15,10 @@ from torch import Tensor
 Quantizer = Callable[[Tensor], Tensor]
 
 
-ROW_BLOCK = 8192  # rows per correlation block: keeps the [rows, A] buffer cache-friendly
+# Rows per correlation block. A [128, A] block (4 MiB at A = 8192) stays in cache between the
+# matmul that writes it and the max/min that read it: 2.5x faster than one [N, A] buffer on
+# this CPU (measured at N = 6144, A = 8192), with identical results.
+ROW_BLOCK = 128
 
 
 def best_atom(residual: Tensor, atoms: Tensor) -> tuple[Tensor, Tensor]:

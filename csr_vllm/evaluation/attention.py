@@ -28,11 +28,14 @@ class GuardWindowAttention:
     only new tokens are coded, so a token is coded exactly once, as in an engine.
     """
 
-    def __init__(self, method: KVMethod, window: int) -> None:
+    def __init__(self, method: KVMethod, window: int, sinks: int = 0) -> None:
         if window < 1:
             raise ValueError("the guard window must hold at least the current token (W >= 1)")
+        if sinks < 0:
+            raise ValueError("sinks must be >= 0")
         self.method = method
         self.window = window
+        self.sinks = sinks
         self._cache: dict[int, tuple[Tensor, Tensor]] = {}
 
     def reset(self) -> None:
@@ -65,15 +68,17 @@ class GuardWindowAttention:
         tq, tk = query.shape[2], k.shape[1]
         if tq == 1:  # decoding: one query, so the window is a plain split of the key axis
             cut = max(tk - self.window, 0)
-            k_mix = torch.cat([k_hat[:, :cut], k[:, cut:]], dim=1)[None]
-            v_mix = torch.cat([v_hat[:, :cut], v[:, cut:]], dim=1)[None]
+            lo = min(self.sinks, cut)
+            k_mix = torch.cat([k[:, :lo], k_hat[:, lo:cut], k[:, cut:]], dim=1)[None]
+            v_mix = torch.cat([v[:, :lo], v_hat[:, lo:cut], v[:, cut:]], dim=1)[None]
             out = torch.nn.functional.scaled_dot_product_attention(
                 query.float(), k_mix, v_mix, scale=scaling, enable_gqa=groups > 1)
             return out.transpose(1, 2).to(query.dtype), None
         qpos = torch.arange(tk - tq, tk)
         dist = qpos[:, None] - torch.arange(tk)[None, :]  # [Tq, Tk]
-        exact = (dist >= 0) & (dist < self.window)
-        approx = dist >= self.window
+        sink = (torch.arange(tk) < self.sinks)[None, :]
+        exact = (dist >= 0) & ((dist < self.window) | sink)
+        approx = (dist >= self.window) & ~sink
 
         # One SDPA call over [exact keys ; reconstructed keys]: the mask lets each query see
         # the exact copy inside its window and the reconstruction beyond it.
@@ -87,9 +92,10 @@ class GuardWindowAttention:
 
 
 @contextlib.contextmanager
-def guard_window_attention(model, method: KVMethod, window: int) -> Iterator[GuardWindowAttention]:
+def guard_window_attention(model, method: KVMethod, window: int,
+                           sinks: int = 0) -> Iterator[GuardWindowAttention]:
     """Run ``model`` with :class:`GuardWindowAttention` inside the block; restores it after."""
-    attn = GuardWindowAttention(method, window)
+    attn = GuardWindowAttention(method, window, sinks)
     name = f"csr_guard_window_{id(attn)}"
     AttentionInterface.register(name, attn)
     previous = model.config._attn_implementation

@@ -114,24 +114,55 @@ class KIVI(KVMethod):
 
 
 class CSR(KVMethod):
-    """Dictionary sparse codes (this project): keys optionally coded before RoPE."""
+    """Dictionary sparse codes (this project): keys optionally coded before RoPE.
 
-    def __init__(self, dicts: DictionarySet, name: str = "csr") -> None:
+    With ``guard_fraction > 0`` the outlier Guard is on: of the vectors a call codes, those
+    whose relative reconstruction error exceeds ``guard_threshold`` are kept exact, at most the
+    worst ``guard_fraction`` of them (per layer and tensor). Their cost (fp16 vector + a 32-bit
+    slot id) is counted in :meth:`guard_bits_per_channel`, amortised over every coded vector.
+    """
+
+    def __init__(self, dicts: DictionarySet, name: str = "csr", guard_fraction: float = 0.0,
+                 guard_threshold: float = 0.0) -> None:
+        if not 0.0 <= guard_fraction <= 1.0:
+            raise ValueError("guard_fraction must be within [0, 1]")
         self.dicts = dicts
         self.name = name
+        self.guard_fraction = guard_fraction
+        self.guard_threshold = guard_threshold
+        self.coded = 0
+        self.guarded = 0
 
     def bits_per_channel(self, head_dim: int) -> float:
         return self.dicts.config.bits_per_channel(head_dim)
+
+    def guard_bits_per_channel(self, head_dim: int) -> float:
+        """Outlier-Guard bytes so far, as bits per channel over every coded vector."""
+        return self.guarded * (16 * head_dim + 32) / max(self.coded * head_dim, 1)
+
+    def _code(self, kind: str, layer: int, x: Tensor) -> Tensor:
+        """x [H, T, D] -> reconstruction, with the outlier Guard applied."""
+        y = torch.stack([self.dicts.codec(kind, layer, h).roundtrip(x[h])
+                         for h in range(x.shape[0])])
+        self.coded += x.shape[0] * x.shape[1]
+        if self.guard_fraction > 0:
+            err = (x - y).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)  # [H, T]
+            cap = int(self.guard_fraction * err.numel())
+            worst = err.flatten().topk(cap).indices if cap else err.new_zeros(0, dtype=torch.long)
+            keep = torch.zeros_like(err, dtype=torch.bool).flatten()
+            keep[worst] = True
+            keep = keep.view_as(err) & (err > self.guard_threshold)
+            y = torch.where(keep[..., None], x, y)
+            self.guarded += int(keep.sum())
+        return y
 
     def compress(self, layer, keys, values, positions):
         shape = self.dicts.shape
         if self.dicts.config.key_rope == "pre":
             cos, sin = rope_tables(shape.head_dim, shape.rope_theta, positions, keys.dtype)
             keys = undo_rope(keys, cos, sin)
-        k_hat = torch.stack([self.dicts.codec("key", layer, h).roundtrip(keys[h])
-                             for h in range(keys.shape[0])])
-        v_hat = torch.stack([self.dicts.codec("value", layer, h).roundtrip(values[h])
-                             for h in range(values.shape[0])])
+        k_hat = self._code("key", layer, keys)
+        v_hat = self._code("value", layer, values)
         if self.dicts.config.key_rope == "pre":
             k_hat = apply_rope(k_hat, cos, sin)
         return k_hat, v_hat

@@ -23,6 +23,7 @@ class PerplexityResult:
     windows: int
     window_tokens: int
     guard: int
+    sinks: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -30,14 +31,14 @@ class PerplexityResult:
 
 @torch.inference_mode()
 def window_nlls(model, windows: list[torch.Tensor], method: KVMethod | None, guard: int,
-                progress: bool = True) -> list[tuple[float, int]]:
+                progress: bool = True, sinks: int = 0) -> list[tuple[float, int]]:
     """(summed NLL, predicted tokens) per window; ``method=None`` runs the model untouched."""
     out = []
     for ids in tqdm(windows, desc=method.name if method else "model", disable=not progress):
         if method is None:
             logits = model(ids[None]).logits
         else:
-            with guard_window_attention(model, method, guard):
+            with guard_window_attention(model, method, guard, sinks):
                 logits = model(ids[None]).logits
         nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[1:], reduction="sum")
         out.append((float(nll), len(ids) - 1))
@@ -45,14 +46,19 @@ def window_nlls(model, windows: list[torch.Tensor], method: KVMethod | None, gua
 
 
 def perplexity(model, tokenizer, text: str, method: KVMethod, guard: int,
-               window: int = 2048, max_windows: int = 8, progress: bool = True) -> PerplexityResult:
-    """Perplexity over up to ``max_windows`` consecutive ``window``-token windows of ``text``."""
+               window: int = 2048, max_windows: int = 8, progress: bool = True,
+               sinks: int = 0) -> PerplexityResult:
+    """Perplexity over ``max_windows`` consecutive ``window``-token windows of ``text``.
+
+    ``sinks`` first tokens of each window are kept exact too (attention sinks; off by default:
+    the harness's view is exactly "recent ``guard`` tokens exact, everything older compressed").
+    """
     windows = token_windows(tokenizer, text, window, max_windows)
-    per = window_nlls(model, windows, method, guard, progress)
+    per = window_nlls(model, windows, method, guard, progress, sinks)
     nll = sum(n for n, _ in per)
     tokens = sum(t for _, t in per)
     head_dim = getattr(model.config, "head_dim", None) or (
         model.config.hidden_size // model.config.num_attention_heads)
     return PerplexityResult(method.name, method.bits_per_channel(head_dim),
                             math.exp(nll / tokens), nll / tokens, tokens, len(windows),
-                            window, guard)
+                            window, guard, sinks)
