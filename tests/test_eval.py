@@ -105,4 +105,26 @@ def test_sinks_keep_the_first_tokens_exact(model, windows):
     exact = window_nlls(model, windows[:1], make_method("exact"), 16, progress=False)
     kivi = window_nlls(model, windows[:1], make_method("kivi-2"), 16, progress=False)
     kivi_sinks = window_nlls(model, windows[:1], make_method("kivi-2"), 16, False, sinks=4)
-    assert exact[0][0] < kivi_sinks[0][0] < kivi[0][0]
+    all_sinks = window_nlls(model, windows[:1], make_method("kivi-2"), 16, False, sinks=WINDOW)
+    assert kivi_sinks[0][0] != kivi[0][0]
+    assert math.isclose(all_sinks[0][0], exact[0][0], rel_tol=1e-6)
+
+
+def test_outlier_guard_keeps_the_worst_vectors_and_counts_them(model, windows, tokenizer):
+    """A Guard that may hold every vector restores exact attention, and its bytes are counted."""
+    shape = ModelShape.from_hf_config(model.config)
+    d = shape.head_dim
+    t = TensorCodecConfig(num_atoms=d, chunks=1, atoms_per_chunk=1, coef="fp8", pursuit="mp")
+    eye = torch.eye(d).expand(shape.num_layers, 1, 1, d, d).contiguous()
+    dicts = DictionarySet(CodecConfig(key=t, value=t), shape, eye, eye.clone())
+    exact = window_nlls(model, windows[:1], make_method("exact"), 8, progress=False)
+    lossy = window_nlls(model, windows[:1], CSR(dicts), 8, progress=False)
+    everything = CSR(dicts, guard_fraction=1.0)
+    guarded = window_nlls(model, windows[:1], everything, 8, progress=False)
+    assert lossy[0][0] > exact[0][0]
+    assert math.isclose(guarded[0][0], exact[0][0], rel_tol=1e-5)
+    assert everything.guard_bits_per_channel(d) == pytest.approx(16 + 32 / d)
+    partial = CSR(dicts, guard_fraction=0.05)
+    some = window_nlls(model, windows[:1], partial, 8, progress=False)
+    assert exact[0][0] < some[0][0] < lossy[0][0]
+    assert 0 < partial.guard_bits_per_channel(d) <= 0.05 * (16 + 32 / d) + 1e-9
