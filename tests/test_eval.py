@@ -11,7 +11,7 @@ import torch
 from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
 from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.dict_training.collect import token_windows
-from csr_vllm.evaluation.methods import CSR, KIVI, PerTokenHead, make_method
+from csr_vllm.evaluation.methods import CSR, KIVI, KVMethod, PerTokenHead, make_method
 from csr_vllm.evaluation.perplexity import perplexity, window_nlls
 
 pytestmark = pytest.mark.slow
@@ -86,19 +86,33 @@ def test_cli_eval_writes_json(model_dir, eval_text_file, tmp_path):
     assert r["method"] == "int8" and r["tokens"] == 255 and r["perplexity"] > 1
 
 
+class Shrink(KVMethod):
+    """A smooth stand-in codec (halves K and V): a wrong window split shows up at once, and
+    unlike a quantiser it does not turn GEMM rounding differences into whole steps."""
+
+    name = "shrink"
+
+    def bits_per_channel(self, head_dim):
+        return 32.0
+
+    def compress(self, layer, keys, values, positions):
+        return 0.5 * keys, 0.5 * values
+
+
 @pytest.mark.parametrize("sinks", [0, 2])
 def test_decode_step_matches_full_forward(model, windows, sinks):
     """Incremental decoding (one query, cached reconstructions) sees what a full pass sees."""
     from csr_vllm.evaluation.attention import guard_window_attention
 
     ids = windows[0][:96][None]
-    method = make_method("int4")
-    with torch.inference_mode(), guard_window_attention(model, method, 8, sinks) as attn:
+    with torch.inference_mode(), guard_window_attention(model, Shrink(), 8, sinks) as attn:
         full = model(ids).logits[0, -1]
         attn.reset()
         out = model(ids[:, :-1], use_cache=True)
         step = model(ids[:, -1:], past_key_values=out.past_key_values).logits[0, -1]
+        plain = model(ids).logits[0, -1]  # harness still installed: same as `full`
     torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(plain, full, rtol=1e-4, atol=1e-4)
 
 
 def test_sinks_keep_the_first_tokens_exact(model, windows):
