@@ -59,11 +59,11 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from csr_vllm.cli import _model_dir
+    from csr_vllm.cli import model_dir_or_default
     from csr_vllm.defaults import default_dictionary, default_train_config
     from csr_vllm.paths import cache_root
 
-    model_dir = _model_dir(args.model)
+    model_dir = model_dir_or_default(args.model)
     nd_dir = Path(args.dict) if args.dict else default_dictionary(model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

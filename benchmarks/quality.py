@@ -46,10 +46,10 @@ def main() -> None:
     args = parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from csr_vllm.cli import _model_dir
+    from csr_vllm.cli import model_dir_or_default
     from csr_vllm.defaults import default_dictionary
 
-    model_dir = _model_dir(args.model)
+    model_dir = model_dir_or_default(args.model)
     dict_dir = Path(args.dict) if args.dict else default_dictionary(model_dir)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -79,20 +79,13 @@ def main() -> None:
             save()
 
     if args.ruler_samples > 0:
-        from csr_vllm.evaluation.ruler import evaluate, generate_tasks
+        from csr_vllm.evaluation.ruler import run_ruler
 
-        ruler = results["ruler"].setdefault(f"{args.ruler_task}|W{args.guard}", {})
-        for length in (int(x) for x in args.ruler_lengths.split(",")):
-            trials = generate_tasks(args.ruler_task, model_dir, length, args.ruler_samples)
-            for name in args.ruler_methods.split(","):
-                if str(length) in ruler.get(name, {}):
-                    continue
-                r = evaluate(model, tokenizer, trials, make_method(name, dict_dir, shape),
-                             args.guard)
-                ruler.setdefault(name, {})[str(length)] = {
-                    "accuracy": r.accuracy, "correct": sum(r.correct), "trials": r.trials,
-                    "per_trial": r.correct, "predictions": r.predictions}
-                save()
+        methods = {m: make_method(m, dict_dir, shape) for m in args.ruler_methods.split(",")}
+        run_ruler(model_dir, args.ruler_task, [int(x) for x in args.ruler_lengths.split(",")],
+                  args.ruler_samples, methods, args.guard, model=model, tokenizer=tokenizer,
+                  results=results["ruler"].setdefault(f"{args.ruler_task}|W{args.guard}", {}),
+                  on_result=save)
     save()
     table = markdown(results, args)
     (out / "quality.md").write_text(table)

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 
-def _model_dir(arg: str | None) -> Path:
+def model_dir_or_default(arg: str | None) -> Path:
+    """The HF model folder ``arg``, or the default model (fetched on first use)."""
     if arg:
         path = Path(arg)
         if not (path / "config.json").is_file():
@@ -50,7 +51,7 @@ def cmd_train_dict(args: argparse.Namespace) -> None:
     from csr_vllm.codec.dictionary import ModelShape
     from csr_vllm.dict_training.train import TrainConfig, train_dictionaries
 
-    model = _model_dir(args.model)
+    model = model_dir_or_default(args.model)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     cfg = TrainConfig(codec=_codec_from_args(args, shape.head_dim), preset=args.preset,
                       train_windows=args.windows, neuraldict_steps=args.steps, seed=args.seed,
@@ -70,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from csr_vllm.evaluation.methods import make_method
     from csr_vllm.evaluation.perplexity import perplexity
 
-    model_dir = _model_dir(args.model)
+    model_dir = model_dir_or_default(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     shape = ModelShape.from_hf_config(model.config)
@@ -91,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from csr_vllm.codec.dictionary import DictionarySet, ModelShape
     from csr_vllm.defaults import default_dictionary
 
-    model = _model_dir(args.model)
+    model = model_dir_or_default(args.model)
     print(f"model:      {model}")
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     dict_dir = default_dictionary(model)
@@ -114,13 +115,13 @@ def cmd_ruler(args: argparse.Namespace) -> None:
     from csr_vllm.evaluation.methods import make_method
     from csr_vllm.evaluation.ruler import run_ruler
 
-    model_dir = _model_dir(args.model)
+    model_dir = model_dir_or_default(args.model)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
     methods = {m: make_method(m, args.dict, shape) for m in args.methods.split(",")}
     res = run_ruler(model_dir, args.task, [int(x) for x in args.lengths.split(",")],
                     args.samples, methods, args.guard)
     out = {"task": args.task, "guard": args.guard, "results": res}
-    summary = {m: {n: f"{sum(r['correct'])}/{r['trials']}" for n, r in per.items()}
+    summary = {m: {n: f"{r['correct']}/{r['trials']}" for n, r in per.items()}
                for m, per in res.items()}
     print(json.dumps(summary, indent=1))
     if args.json:

@@ -100,3 +100,17 @@ def test_answer_budget_fits_uuid_needles(model_and_tokenizer) -> None:
     uuid = "757750a9-a491-40b2-aa1f-ca65e27a984d"
     assert answer_budget(tokenizer, [uuid]) >= len(tokenizer.tokenize(" " + uuid)) + 1
     assert answer_budget(tokenizer, ["8090293"]) < answer_budget(tokenizer, ["8090293", "1234567"])
+
+
+def test_run_ruler_keeps_cached_results_and_computes_nothing(tmp_path):
+    """A resumed sweep: entries already present are neither recomputed nor reported again."""
+    from csr_vllm.evaluation.methods import make_method
+    from csr_vllm.evaluation.ruler import run_ruler
+
+    (tmp_path / "config.json").write_text("{}")
+    cached = {"bf16": {"1024": {"correct": 3, "trials": 4}}}
+    calls = []
+    out = run_ruler(tmp_path, "niah_single_1", [1024], 4, {"bf16": make_method("bf16")}, 128,
+                    model=object(), tokenizer=object(), results=cached,
+                    on_result=lambda: calls.append(1))
+    assert out is cached and out["bf16"]["1024"]["correct"] == 3 and not calls

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -242,22 +243,33 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
 def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int,
               methods: dict[str, KVMethod], guard: int, seed: int = _BASE_SEED,
               max_new_tokens: int | None = None, cache_dir: Path | None = None,
-              progress: bool = True) -> dict:
+              progress: bool = True, model=None, tokenizer=None,
+              results: dict | None = None, on_result: Callable[[], None] | None = None) -> dict:
     """Evaluate every method on the same RULER samples at each length.
 
-    Returns ``{method: {str(length): {"accuracy", "correct", "trials", "predictions"}}}``
-    (length keys are strings so the result survives a JSON round trip unchanged).
+    Returns ``{method: {str(length): {"accuracy", "correct", "trials", "per_trial",
+    "predictions"}}}`` (length keys are strings so the result survives a JSON round trip).
+    Entries already in ``results`` are kept, not recomputed, and ``on_result`` is called after
+    each new one, so a caller can persist a long sweep and resume it. ``model``/``tokenizer``
+    default to loading ``model_dir``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_task(task)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    results: dict[str, dict[str, dict]] = {name: {} for name in methods}
+    tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    results = {} if results is None else results
     for length in lengths:
+        todo = [n for n in methods if str(length) not in results.get(n, {})]
+        if not todo:
+            continue
         trials = generate_tasks(task, model_dir, length, samples, seed, cache_dir)
-        for name, method in methods.items():
-            r = evaluate(model, tokenizer, trials, method, guard, max_new_tokens, progress)
-            results[name][str(length)] = {"accuracy": r.accuracy, "correct": r.correct,
-                                          "trials": r.trials, "predictions": r.predictions}
+        for name in todo:
+            r = evaluate(model, tokenizer, trials, methods[name], guard, max_new_tokens, progress)
+            results.setdefault(name, {})[str(length)] = {
+                "accuracy": r.accuracy, "correct": sum(r.correct), "trials": r.trials,
+                "per_trial": r.correct, "predictions": r.predictions}
+            if on_result is not None:
+                on_result()
     return results
