@@ -1,0 +1,1 @@
+"""CSR inside vLLM: settings, page layout, Guard pools and the attention backend."""

@@ -1,0 +1,224 @@
+"""The CSR attention backend for vLLM's CPU path.
+
+Subclasses vLLM's ``CPU_ATTN`` backend: same metadata, same kernel, different pages. vLLM's
+block manager sizes pages from :meth:`CSRAttentionBackend.customize_spec`: a ``uint8`` page of
+``H x block_size`` slots of C bytes, C = the packed key code + value code (layout in
+:mod:`csr_vllm.engine.page_layout`), so the same KV memory admits ``2 * D * 2 / C`` times the
+tokens of bf16.
+
+Write path (``do_kv_cache_update``): encode the step's new K/V and store codes; Guard copies.
+Read path, behind ``read_path``:
+
+* ``reconstruct``: decode the referenced pages into a scratch dense paged buffer, overlay the
+  exact data (outliers, the dense window, the step's own tokens, so a chunk attends to itself
+  exactly) and run vLLM's own CPU attention kernel over a remapped block table.
+* ``sparse``: decode rows go through attention in the sparse domain
+  (:mod:`csr_vllm.engine.sparse_attention`); prefill rows as ``reconstruct``.
+
+The dictionaries and settings are chosen when the platform selects this backend
+(:mod:`csr_vllm.plugin`), before any spec exists: ``customize_spec`` runs where vLLM's current
+config is not set, so the slot size comes from the class state set at selection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm import _custom_ops as ops
+from vllm.config import VllmConfig
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.page_layout import SlotLayout
+from csr_vllm.engine.runtime import CSRRuntime, StepPlan
+from csr_vllm.engine.settings import CSRSettings
+
+logger = init_logger("vllm.csr_vllm.backend")
+
+
+class CSRAttentionBackend(CPUAttentionBackend):
+    """CPU attention over CSR index/weight pages."""
+
+    # Set by csr_vllm.plugin when the platform selects this backend (one engine per process).
+    dicts: ClassVar[DictionarySet | None] = None
+    settings: ClassVar[CSRSettings | None] = None
+
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
+        cls.dicts, cls.settings = dicts, settings
+
+    @classmethod
+    def layout(cls) -> SlotLayout:
+        if cls.dicts is None:
+            raise RuntimeError("CSR backend used before csr_vllm.plugin configured it")
+        return SlotLayout.of(cls.dicts)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        if spec.state_content_bytes is not None:
+            return spec
+        return dataclasses.replace(spec, dtype=torch.uint8,
+                                   state_content_bytes=cls.layout().slot_bytes)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[CSRAttentionImpl]:
+        return CSRAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[CSRMetadataBuilder]:
+        return CSRMetadataBuilder
+
+
+@dataclass
+class CSRMetadata(CPUAttentionMetadata):
+    """vLLM's CPU metadata plus this step's CSR plan and the engine's runtime."""
+
+    csr_plan: StepPlan | None = None
+    csr_runtime: CSRRuntime | None = None
+
+
+class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Decodes first, so the sparse read path takes one leading slice of the batch.
+        self._init_reorder_batch_threshold(1)
+        dicts, settings = CSRAttentionBackend.dicts, CSRAttentionBackend.settings
+        self.runtime = CSRRuntime(dicts, settings, kv_cache_spec.block_size,
+                                  vllm_config.model_config.dtype)
+        _RUNTIMES.append(self.runtime)
+        side = self.runtime.side_bytes()
+        logger.info(
+            "CSR KV cache: %d bytes per (token, KV head) slot (bf16: %d), %.3f bits/channel; "
+            "side memory outside the pool: dictionaries %.1f MiB, dense window guard %.1f MiB "
+            "(%d blocks), outlier guard up to %.1f MiB",
+            self.runtime.layout.slot_bytes, 4 * dicts.shape.head_dim,
+            dicts.config.bits_per_channel(dicts.shape.head_dim),
+            side["dictionaries"] / 2**20, side["window_guard"] / 2**20,
+            self.runtime.window.capacity,
+            _outlier_reserved(dicts, settings) / 2**20)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CSRMetadata:
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        plan = self.runtime.plan(base.block_table, common_attn_metadata.seq_lens,
+                                 common_attn_metadata.query_start_loc_cpu, base.slot_mapping)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        return CSRMetadata(**fields, csr_plan=plan, csr_runtime=self.runtime)
+
+
+# Runtimes of this process (normally one), for worker-side statistics (collective_rpc).
+_RUNTIMES: list[CSRRuntime] = []
+
+
+def runtimes() -> list[CSRRuntime]:
+    return list(_RUNTIMES)
+
+
+def _outlier_reserved(dicts: DictionarySet, settings: CSRSettings) -> int:
+    if not settings.outlier_threshold:
+        return 0
+    s = dicts.shape
+    return 2 * s.num_layers * settings.outlier_capacity * (2 * s.head_dim + 8)
+
+
+class CSRAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None,
+                 kv_cache_dtype: str, logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None) -> None:
+        unsupported = [
+            what for what, bad in (
+                (f"attention type {attn_type!r}", attn_type != AttentionType.DECODER),
+                (f"sliding window {sliding_window}", sliding_window is not None),
+                ("ALiBi", alibi_slopes is not None),
+                ("logits soft-capping", bool(logits_soft_cap)),
+                ("attention sinks", sinks is not None),
+                ("KV sharing across layers", kv_sharing_target_layer_name is not None),
+            ) if bad
+        ]
+        if unsupported:
+            raise NotImplementedError(
+                "the CSR KV cache supports causal decoder self-attention only; this model "
+                f"has {', '.join(unsupported)}. Run it without --kv-cache-backend csr.")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+                         sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
+                         kv_sharing_target_layer_name, sinks)
+
+    def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
+                           value: torch.Tensor, kv_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor) -> None:
+        meta = _metadata_of(layer)
+        if meta is None or meta.csr_plan is None:
+            return
+        meta.csr_runtime.write(_layer_index(layer), meta.csr_plan, key, value, kv_cache,
+                               slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by CSR")
+        if attn_metadata is None:  # profiling / warm-up
+            return output
+        plan, runtime = attn_metadata.csr_plan, attn_metadata.csr_runtime
+        n = attn_metadata.num_actual_tokens
+        k, v = runtime.dense_view(_layer_index(layer), plan, key, value, kv_cache)
+        bs = runtime.block_size
+        r, h, d = len(plan.ref_blocks), self.num_kv_heads, self.head_size
+        scratch = torch.empty(r, h, 2 * bs, d, dtype=k.dtype)
+        key_cache, value_cache = scratch.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            k, v, key_cache, value_cache, torch.arange(r * bs, dtype=torch.long),
+            layer.isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        ops.cpu_attention_with_kv_cache(
+            query=query[:n], key_cache=key_cache, value_cache=value_cache,
+            output=output[:n], query_start_loc=attn_metadata.query_start_loc,
+            seq_lens=attn_metadata.seq_lens, scale=self.scale, causal=attn_metadata.causal,
+            alibi_slopes=None, sliding_window=-1, block_table=plan.scratch_table,
+            softcap=0, scheduler_metadata=attn_metadata.scheduler_metadata, s_aux=None,
+            dynamic_causal=attn_metadata.dynamic_causal, k_scale=1.0, v_scale=1.0,
+            kv_cache_dtype="auto")
+        return output
+
+
+def _layer_index(layer: torch.nn.Module) -> int:
+    idx = getattr(layer, "_csr_layer_index", None)
+    if idx is None:
+        idx = extract_layer_index(layer.layer_name)
+        layer._csr_layer_index = idx
+    return idx
+
+
+def _metadata_of(layer: torch.nn.Module) -> CSRMetadata | None:
+    from vllm.forward_context import get_forward_context
+
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0]
+    if isinstance(meta, dict):
+        meta = meta.get(layer.layer_name)
+    return meta

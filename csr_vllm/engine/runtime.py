@@ -1,0 +1,199 @@
+"""Per-engine CSR state and the per-step work every layer shares.
+
+One :class:`CSRRuntime` lives in each worker process, owned by the attention metadata builder
+(vLLM builds one per KV cache group). Once per step :meth:`CSRRuntime.plan` turns vLLM's block
+table into what the layers need: token positions (for pre-RoPE keys), the referenced blocks and
+a block table remapped onto a scratch buffer, and the Guard's reads and writes. Each layer then
+calls :meth:`write` (encode + store) and :meth:`dense_view` (reconstruct + overlay exact data).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.guard import OutlierGuard, WindowGuard, WindowPlan, _ragged_arange
+from csr_vllm.engine.page_layout import LayerCodec, SlotLayout
+from csr_vllm.engine.settings import CSRSettings
+
+
+@dataclass
+class StepPlan:
+    """What every layer of one step needs (all CPU tensors).
+
+    Attributes:
+        positions: [N] position of each of the step's new tokens (request-major).
+        ref_blocks: [R] physical blocks the step's requests reference (sorted, unique).
+        ref_pos0: [R] position of each referenced block's first slot.
+        scratch_table: [B, M] int32 block table over the scratch buffer (index into ref_blocks).
+        new_scratch: [N] scratch slot (scratch block * BS + offset) of each new token, -1 = pad.
+        window: the Guard's reads and writes; window_scratch: [Rw] scratch slot of each read.
+        num_decodes / num_decode_tokens: leading requests with query length 1.
+    """
+
+    positions: Tensor
+    ref_blocks: Tensor
+    ref_pos0: Tensor
+    scratch_table: Tensor
+    new_scratch: Tensor
+    window: WindowPlan
+    window_scratch: Tensor
+    num_decodes: int
+    seq_lens: Tensor
+    query_lens: Tensor
+
+
+@dataclass
+class RuntimeStats:
+    """Counters for /csr/stats and the metrics (worker side)."""
+
+    encoded_vectors: int = 0
+    encode_seconds: list[float] = field(default_factory=list)
+    rel_error_sum: float = 0.0
+    rel_error_count: int = 0
+
+
+class CSRRuntime:
+    """Codecs, Guard pools and statistics of one engine's CSR KV cache."""
+
+    def __init__(self, dicts: DictionarySet, settings: CSRSettings, block_size: int,
+                 dtype: torch.dtype) -> None:
+        shape = dicts.shape
+        self.dicts, self.settings = dicts, settings
+        self.block_size, self.dtype = block_size, dtype
+        self.layout = SlotLayout.of(dicts)
+        self.codecs = [LayerCodec(dicts, layer) for layer in range(shape.num_layers)]
+        self.window = WindowGuard(settings.guard_window, block_size, settings.guard_max_seqs,
+                                  shape.num_kv_heads, shape.head_dim, dtype)
+        self.outliers: dict[tuple[int, str], OutlierGuard] = {}
+        self.stats = RuntimeStats()
+
+    # -- per step ----------------------------------------------------------------------------
+    def plan(self, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
+             slot_mapping: Tensor) -> StepPlan:
+        bs = self.block_size
+        seq_lens = seq_lens.long().cpu()
+        qsl = query_start_loc.long().cpu()
+        query_lens = qsl[1:] - qsl[:-1]
+        ctx = seq_lens - query_lens
+        reqs = torch.arange(len(seq_lens))
+        positions = ctx[torch.repeat_interleave(reqs, query_lens)] + _ragged_arange(query_lens)
+
+        nblocks = (seq_lens + bs - 1) // bs
+        m = int(nblocks.max()) if len(nblocks) else 0
+        table = block_table[:, :m].long()
+        used = torch.arange(m)[None, :] < nblocks[:, None]
+        ref_blocks, inverse = torch.unique(table[used], return_inverse=True)
+        scratch_table = torch.zeros_like(table)
+        scratch_table[used] = inverse
+        # A block's position: its logical index in the first request that references it
+        # (prefix caching only shares blocks at the same logical index).
+        logical = torch.arange(m).expand_as(table)[used]
+        ref_pos0 = torch.full((len(ref_blocks),), -1, dtype=torch.long)
+        ref_pos0.scatter_reduce_(0, inverse, logical * bs, reduce="amax", include_self=True)
+
+        n = len(positions)
+        slots = slot_mapping[:n].long().cpu()
+        new_scratch = self._to_scratch(slots, ref_blocks)
+        window = self.window.plan(table, seq_lens, query_lens, slots)
+        wreq_blocks = table[window.read_req, window.read_pos // bs] if window.read_req.numel() \
+            else torch.zeros(0, dtype=torch.long)
+        window_scratch = self._to_scratch(wreq_blocks * bs + window.read_pos % bs, ref_blocks)
+        num_decodes = int((query_lens == 1).cumprod(0).sum()) if len(query_lens) else 0
+        return StepPlan(positions, ref_blocks, ref_pos0, scratch_table.to(torch.int32),
+                        new_scratch, window, window_scratch, num_decodes, seq_lens, query_lens)
+
+    def _to_scratch(self, slots: Tensor, ref_blocks: Tensor) -> Tensor:
+        """Physical slots [K] -> scratch slots [K] (-1 stays -1)."""
+        bs = self.block_size
+        live = slots >= 0
+        blocks = torch.where(live, slots // bs, torch.zeros_like(slots))
+        idx = torch.searchsorted(ref_blocks, blocks).clamp_max(max(len(ref_blocks) - 1, 0))
+        return torch.where(live, idx * bs + slots % bs, torch.full_like(slots, -1))
+
+    # -- per layer ---------------------------------------------------------------------------
+    def _outlier_pool(self, layer: int, kind: str) -> OutlierGuard:
+        key = (layer, kind)
+        if key not in self.outliers:
+            shape = self.dicts.shape
+            self.outliers[key] = OutlierGuard(self.settings.outlier_capacity, shape.head_dim,
+                                              shape.num_kv_heads, self.dtype)
+        return self.outliers[key]
+
+    def write(self, layer: int, plan: StepPlan, key: Tensor, value: Tensor, kv_cache: Tensor,
+              slot_mapping: Tensor) -> None:
+        """Encode the step's new K/V [N, H, D] and store codes (and Guard copies)."""
+        n = len(plan.positions)
+        key, value = key[:n], value[:n]
+        slots = slot_mapping[:n].long()
+        live = (slots >= 0).nonzero().squeeze(1)
+        if not live.numel():
+            return
+        t0 = time.perf_counter()
+        codes, k_rec, v_rec = self.codecs[layer].encode(key[live], value[live],
+                                                        plan.positions[live])
+        bs = self.block_size
+        s = slots[live]
+        kv_cache[s // bs, :, s % bs] = codes
+        self.stats.encode_seconds.append(time.perf_counter() - t0)
+        self.stats.encoded_vectors += 2 * codes.shape[0] * codes.shape[1]
+
+        for kind, x, rec in (("key", key[live], k_rec), ("value", value[live], v_rec)):
+            x = x.float()
+            err = (x - rec).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)  # [K, H]
+            self.stats.rel_error_sum += float(err.sum())
+            self.stats.rel_error_count += err.numel()
+            if self.settings.outlier_threshold > 0 and self.settings.outlier_capacity:
+                pool = self._outlier_pool(layer, kind)
+                pool.invalidate(s)
+                tok, head = (err > self.settings.outlier_threshold).nonzero(as_tuple=True)
+                pool.add(s[tok], head, x[tok, head])
+        self.window.write(layer, plan.window, key, value)
+
+    def dense_view(self, layer: int, plan: StepPlan, key: Tensor, value: Tensor,
+                   kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """K, V [R * BS, H, D] of every referenced slot, in scratch order: reconstructed from
+        the codes, then overlaid with outliers, the dense window and the step's own tokens."""
+        bs, r = self.block_size, len(plan.ref_blocks)
+        pages = kv_cache[plan.ref_blocks]  # [R, H, BS, C]
+        slots = pages.permute(0, 2, 1, 3).reshape(r * bs, pages.shape[1], pages.shape[3])
+        pos = (plan.ref_pos0[:, None] + torch.arange(bs)).reshape(-1)
+        k, v = self.codecs[layer].decode(slots, pos)
+        # Slots past a sequence's end hold whatever the page held; the kernel never reads
+        # them, but keep them finite.
+        k, v = torch.nan_to_num_(k, 0.0, 0.0, 0.0), torch.nan_to_num_(v, 0.0, 0.0, 0.0)
+        k, v = k.to(self.dtype), v.to(self.dtype)
+
+        for kind, dst in (("key", k), ("value", v)):
+            pool = self.outliers.get((layer, kind))
+            if pool is not None and pool.occupancy():
+                o_slots, o_heads, o_vec = pool.entries()
+                sc = self._to_scratch(o_slots, plan.ref_blocks)
+                hit = (sc >= 0) & torch.isin(o_slots // bs, plan.ref_blocks)
+                dst[sc[hit], o_heads[hit]] = o_vec[hit].to(self.dtype)
+        if plan.window_scratch.numel():
+            wk, wv = self.window.read(layer, plan.window)
+            k[plan.window_scratch], v[plan.window_scratch] = wk, wv
+        n = len(plan.new_scratch)
+        live = plan.new_scratch >= 0
+        k[plan.new_scratch[live]] = key[:n][live].to(self.dtype)
+        v[plan.new_scratch[live]] = value[:n][live].to(self.dtype)
+        return k, v
+
+    # -- accounting --------------------------------------------------------------------------
+    @property
+    def dictionary_bytes(self) -> int:
+        return self.dicts.nbytes
+
+    def side_bytes(self) -> dict[str, int]:
+        """Memory held outside vLLM's KV pool, by kind."""
+        shape = self.dicts.shape
+        return {
+            "dictionaries": self.dictionary_bytes,
+            "window_guard": self.window.reserved_bytes(shape.num_layers),
+            "outlier_guard": sum(p.nbytes for p in self.outliers.values()),
+        }

@@ -1,0 +1,208 @@
+"""vLLM general plugin: selects the CSR backend and adds the ``--kv-cache-backend`` flags.
+
+Loaded by vLLM in every process through the ``vllm.general_plugins`` entry point, so
+:func:`register` must be idempotent. It does two things:
+
+1. Backend selection. vLLM's CPU platform ignores ``--attention-backend`` for non-MLA models,
+   so we wrap ``CpuPlatform.get_attn_backend_cls``: when ``additional_config`` selects
+   ``kv_cache_backend: csr`` it loads and validates the dictionaries, configures
+   :class:`~csr_vllm.engine.backend.CSRAttentionBackend` and returns its path; otherwise it
+   calls vLLM's own method untouched (stock behaviour without the flag).
+2. CLI flags. vLLM has no public API for a plugin's flags; ``vllm serve`` loads general plugins
+   inside ``AsyncEngineArgs.add_cli_args`` just before ``EngineArgs.add_cli_args`` runs, so we
+   wrap that static method to add our group, and ``EngineArgs.from_cli_args`` to fold the
+   flags into ``additional_config`` (the field every process receives). Both wraps are the
+   only patches of vLLM internals in this project; vLLM is pinned (0.32) and
+   ``tests/test_plugin.py`` checks they applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+from pathlib import Path
+
+from csr_vllm.engine.settings import (
+    BACKEND_NAME,
+    CSRConfigError,
+    CSRSettings,
+    settings_from_additional_config,
+)
+
+logger = logging.getLogger("vllm.csr_vllm.plugin")
+
+BACKEND_PATH = "csr_vllm.engine.backend.CSRAttentionBackend"
+_PATCHED = "_csr_vllm_patched"
+
+# CLI flag -> key of additional_config["csr"] (one source of truth for flag names).
+CSR_FLAGS: dict[str, str] = {
+    "--csr-dict": "dict",
+    "--csr-preset": "preset",
+    "--csr-guard-window": "guard_window",
+    "--csr-guard-max-seqs": "guard_max_seqs",
+    "--csr-outlier-threshold": "outlier_threshold",
+    "--csr-read-path": "read_path",
+}
+
+
+def register() -> None:
+    """Entry point of the ``vllm.general_plugins`` group (idempotent)."""
+    _patch_platform()
+    _patch_cli()
+
+
+# -- backend selection -------------------------------------------------------------------------
+def _patch_platform() -> None:
+    from vllm.platforms.cpu import CpuPlatform
+
+    original = CpuPlatform.get_attn_backend_cls
+    if getattr(original, _PATCHED, False):
+        return
+    func = original.__func__
+
+    @functools.wraps(func)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        from vllm.config import get_current_vllm_config
+
+        settings = settings_from_additional_config(get_current_vllm_config().additional_config)
+        if settings is None:
+            return func(cls, selected_backend, attn_selector_config, num_heads)
+        if attn_selector_config.use_mla or getattr(attn_selector_config, "use_sparse", False):
+            raise NotImplementedError(
+                "the CSR KV cache does not support MLA / sparse-attention models; run this "
+                "model without --kv-cache-backend csr")
+        _configure_backend(settings)
+        return BACKEND_PATH
+
+    get_attn_backend_cls.__dict__[_PATCHED] = True
+    CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def _configure_backend(settings: CSRSettings) -> None:
+    from vllm.config import get_current_vllm_config
+
+    from csr_vllm.engine.backend import CSRAttentionBackend
+
+    vllm_config = get_current_vllm_config()
+    if vllm_config.parallel_config.tensor_parallel_size > 1 or \
+            vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise NotImplementedError("CSR with tensor/pipeline parallelism is not supported yet")
+    dicts = load_dictionaries(settings, vllm_config.model_config.hf_config,
+                              vllm_config.model_config.model)
+    CSRAttentionBackend.configure(dicts, settings)
+
+
+def load_dictionaries(settings: CSRSettings, hf_config, model: str):
+    """Load, validate and apply the preset: the dictionaries the engine will use."""
+    from csr_vllm.codec.config import get_preset
+    from csr_vllm.codec.dictionary import DictionaryError, DictionarySet, ModelShape
+
+    shape = ModelShape.from_hf_config(hf_config)
+    folder = settings.dictionary
+    if folder is None:
+        from csr_vllm.defaults import DEFAULT_DICT_NAME
+        from csr_vllm.paths import cache_root
+
+        folder = str(cache_root() / "dicts" / Path(model).name / DEFAULT_DICT_NAME)
+        if not Path(folder).is_dir():
+            raise DictionaryError(
+                f"no CSR dictionary given and no default dictionary for {model} at {folder}; "
+                f"train one with `csr-vllm train-dict --model {model} --out DIR` and pass "
+                "--csr-dict DIR")
+    dicts = DictionarySet.load(folder, expect=shape)
+    if settings.preset is not None and dicts.config.key.num_atoms > shape.head_dim:
+        dicts = dicts.with_codec(get_preset(settings.preset).config_for(shape.head_dim))
+    if dicts.config.key_rope == "pre":
+        _check_default_rope(hf_config)
+    logger.info("CSR dictionaries %s (%s): %.3f bits/channel, %d-byte slots", folder,
+                settings.preset or "as trained",
+                dicts.config.bits_per_channel(shape.head_dim), dicts.config.slot_bytes())
+    return dicts
+
+
+def _check_default_rope(hf_config) -> None:
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling",
+                                                                    None) or {}
+    kind = params.get("rope_type", params.get("type", "default")) or "default"
+    if kind != "default":
+        raise NotImplementedError(
+            f"this dictionary codes keys before RoPE, which csr-vllm supports for default RoPE "
+            f"only; the model uses rope_type={kind!r}. Train a dictionary with --key-rope post.")
+
+
+# -- CLI flags ---------------------------------------------------------------------------------
+def _patch_cli() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    add = EngineArgs.add_cli_args
+    if getattr(add, _PATCHED, False):
+        return
+
+    @functools.wraps(add)
+    def add_cli_args(parser):
+        parser = add(parser)
+        add_csr_arguments(parser)
+        return parser
+
+    from_cli = EngineArgs.from_cli_args.__func__
+
+    @functools.wraps(from_cli)
+    def from_cli_args(cls, args: argparse.Namespace):
+        engine_args = from_cli(cls, args)
+        engine_args.additional_config = fold_csr_flags(args, engine_args.additional_config)
+        return engine_args
+
+    add_cli_args.__dict__[_PATCHED] = True
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+
+def add_csr_arguments(parser) -> None:
+    """Add the CSR flag group to an argparse parser (no-op if already there)."""
+    if any("--kv-cache-backend" in a.option_strings for a in parser._actions):
+        return
+    g = parser.add_argument_group(
+        "CSR KV cache", "Cache Sparse Representation KV cache (csr-vllm). Equivalent to "
+        "--additional-config '{\"kv_cache_backend\": \"csr\", \"csr\": {...}}'.")
+    g.add_argument("--kv-cache-backend", choices=["dense", BACKEND_NAME], default=None,
+                   help="'csr' stores KV pages as dictionary index/weight codes")
+    g.add_argument("--csr-dict", default=None, help="dictionary folder (csr-vllm train-dict)")
+    g.add_argument("--csr-preset", default=None, help="bit budget: csr-1b, csr-1.5b, csr-2b, "
+                   "csr-4b (default csr-2b)")
+    g.add_argument("--csr-guard-window", type=int, default=None,
+                   help="recent tokens per sequence kept exact (default 128)")
+    g.add_argument("--csr-guard-max-seqs", type=int, default=None,
+                   help="sequences whose dense window is held at once (default 16)")
+    g.add_argument("--csr-outlier-threshold", type=float, default=None,
+                   help="keep vectors with relative reconstruction error above this exact")
+    g.add_argument("--csr-read-path", choices=["auto", "reconstruct", "sparse"], default=None)
+
+
+def fold_csr_flags(args: argparse.Namespace, additional: dict | None) -> dict:
+    """Merge the CSR flags into ``additional_config`` (validated; flags win over JSON)."""
+    additional = dict(additional or {})
+    backend = getattr(args, "kv_cache_backend", None)
+    csr = {key: getattr(args, flag[2:].replace("-", "_"), None) for flag, key in
+           CSR_FLAGS.items()}
+    csr = {k: v for k, v in csr.items() if v is not None}
+    if backend is not None:
+        additional["kv_cache_backend"] = backend
+    if csr:
+        if additional.get("kv_cache_backend") != BACKEND_NAME:
+            raise CSRConfigError(
+                f"{', '.join('--' + k for k in csr)} need --kv-cache-backend csr")
+        additional["csr"] = {**(additional.get("csr") or {}), **csr}
+    if additional.get("kv_cache_backend") == "dense":
+        additional.pop("kv_cache_backend")
+    settings_from_additional_config(additional)  # fail at the command line, not in a worker
+    return additional
+
+
+def additional_config(**csr) -> dict:
+    """``additional_config`` for ``LLM(...)``: ``LLM(model, additional_config=
+    additional_config(dict=DIR, preset="csr-1b"))``."""
+    cfg = {"kv_cache_backend": BACKEND_NAME, "csr": csr}
+    settings_from_additional_config(cfg)
+    return json.loads(json.dumps(cfg))
