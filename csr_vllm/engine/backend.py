@@ -97,6 +97,7 @@ class CSRMetadata(CPUAttentionMetadata):
 
     csr_plan: StepPlan | None = None
     csr_runtime: CSRRuntime | None = None
+    csr_prefill_scheduler_metadata: torch.Tensor | None = None
 
 
 class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -124,9 +125,32 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
               fast_build: bool = False) -> CSRMetadata:
         base = super().build(common_prefix_len, common_attn_metadata, fast_build)
         plan = self.runtime.plan(base.block_table, common_attn_metadata.seq_lens,
-                                 common_attn_metadata.query_start_loc_cpu, base.slot_mapping)
+                                 common_attn_metadata.query_start_loc_cpu, base.slot_mapping,
+                                 sparse_decodes=self._sparse_decodes(common_attn_metadata))
         fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
-        return CSRMetadata(**fields, csr_plan=plan, csr_runtime=self.runtime)
+        rest = None
+        nd = plan.num_decodes
+        if 0 < nd < common_attn_metadata.num_reqs:  # scheduler metadata of the prefill rows
+            qsl = common_attn_metadata.query_start_loc_cpu
+            rest = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=common_attn_metadata.num_reqs - nd, num_heads=self.num_heads,
+                num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                seq_lens=base.seq_lens[nd:], dtype=self.dtype,
+                query_start_loc=qsl[nd:] - qsl[nd], causal=base.causal,
+                sliding_window_size=-1, isa=self.isa, enable_kv_split=False,
+                dynamic_causal=None, kv_cache_dtype=self.kv_cache_dtype)
+        return CSRMetadata(**fields, csr_plan=plan, csr_runtime=self.runtime,
+                           csr_prefill_scheduler_metadata=rest)
+
+    def _sparse_decodes(self, common: CommonAttentionMetadata) -> bool:
+        """Whether decode rows take the sparse read path this step."""
+        runtime = self.runtime
+        if runtime.dicts.config.per_head:
+            return False
+        path = runtime.settings.read_path
+        if path == "auto":
+            return runtime.auto_sparse(int(common.max_seq_len))
+        return path == "sparse"
 
 
 # Runtimes of this process (normally one), for worker-side statistics (collective_rpc).
@@ -185,8 +209,16 @@ class CSRAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # profiling / warm-up
             return output
         plan, runtime = attn_metadata.csr_plan, attn_metadata.csr_runtime
+        layer_idx = _layer_index(layer)
         n = attn_metadata.num_actual_tokens
-        k, v = runtime.dense_view(_layer_index(layer), plan, key, value, kv_cache)
+        nd = plan.num_decodes
+        if nd:
+            runtime.sparse_decode(layer_idx, plan, query, key, value, kv_cache, self.scale,
+                                  output)
+        if nd == len(plan.seq_lens):
+            return output
+        # Reconstruct-then-kernel for the rest (all rows when the sparse path is off).
+        k, v = runtime.dense_view(layer_idx, plan, key, value, kv_cache)
         bs = runtime.block_size
         r, h, d = len(plan.ref_blocks), self.num_kv_heads, self.head_size
         scratch = torch.empty(r, h, 2 * bs, d, dtype=k.dtype)
@@ -194,14 +226,19 @@ class CSRAttentionImpl(CPUAttentionBackendImpl):
         ops.cpu_attn_reshape_and_cache(
             k, v, key_cache, value_cache, torch.arange(r * bs, dtype=torch.long),
             layer.isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        qsl, seq_lens = attn_metadata.query_start_loc, attn_metadata.seq_lens
+        sched = attn_metadata.scheduler_metadata
+        t0 = 0
+        if nd:
+            t0 = int(qsl[nd])
+            qsl, seq_lens = qsl[nd:] - qsl[nd], seq_lens[nd:]
+            sched = attn_metadata.csr_prefill_scheduler_metadata
         ops.cpu_attention_with_kv_cache(
-            query=query[:n], key_cache=key_cache, value_cache=value_cache,
-            output=output[:n], query_start_loc=attn_metadata.query_start_loc,
-            seq_lens=attn_metadata.seq_lens, scale=self.scale, causal=attn_metadata.causal,
-            alibi_slopes=None, sliding_window=-1, block_table=plan.scratch_table,
-            softcap=0, scheduler_metadata=attn_metadata.scheduler_metadata, s_aux=None,
-            dynamic_causal=attn_metadata.dynamic_causal, k_scale=1.0, v_scale=1.0,
-            kv_cache_dtype="auto")
+            query=query[t0:n], key_cache=key_cache, value_cache=value_cache,
+            output=output[t0:n], query_start_loc=qsl, seq_lens=seq_lens, scale=self.scale,
+            causal=attn_metadata.causal, alibi_slopes=None, sliding_window=-1,
+            block_table=plan.scratch_table[nd:], softcap=0, scheduler_metadata=sched,
+            s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         return output
 
 

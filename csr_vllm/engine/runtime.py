@@ -19,6 +19,11 @@ from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.guard import OutlierGuard, WindowGuard, WindowPlan, _ragged_arange
 from csr_vllm.engine.page_layout import LayerCodec, SlotLayout
 from csr_vllm.engine.settings import CSRSettings
+from csr_vllm.engine.sparse_attention import sparse_decode_attention
+
+# Context length from which ``auto`` sends decode rows to the sparse read path (README,
+# "Read paths"); re-measure with benchmarks/read_paths.py when either path changes.
+SPARSE_FROM_TOKENS = 1 << 62
 
 
 @dataclass
@@ -32,7 +37,8 @@ class StepPlan:
         scratch_table: [B, M] int32 block table over the scratch buffer (index into ref_blocks).
         new_scratch: [N] scratch slot (scratch block * BS + offset) of each new token, -1 = pad.
         window: the Guard's reads and writes; window_scratch: [Rw] scratch slot of each read.
-        num_decodes / num_decode_tokens: leading requests with query length 1.
+        num_decodes: leading decode requests the sparse read path serves (0 = none).
+        seq_lens, query_lens: [B]; table: [B, M] physical block table.
     """
 
     positions: Tensor
@@ -45,6 +51,7 @@ class StepPlan:
     num_decodes: int
     seq_lens: Tensor
     query_lens: Tensor
+    table: Tensor
 
 
 @dataclass
@@ -74,7 +81,9 @@ class CSRRuntime:
 
     # -- per step ----------------------------------------------------------------------------
     def plan(self, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
-             slot_mapping: Tensor) -> StepPlan:
+             slot_mapping: Tensor, sparse_decodes: bool = False) -> StepPlan:
+        """The step's plan; with ``sparse_decodes`` the leading decode requests are left out
+        of the scratch buffer (the sparse read path serves them)."""
         bs = self.block_size
         seq_lens = seq_lens.long().cpu()
         qsl = query_start_loc.long().cpu()
@@ -83,10 +92,13 @@ class CSRRuntime:
         reqs = torch.arange(len(seq_lens))
         positions = ctx[torch.repeat_interleave(reqs, query_lens)] + _ragged_arange(query_lens)
 
+        num_decodes = int((query_lens == 1).cumprod(0).sum()) if len(query_lens) else 0
         nblocks = (seq_lens + bs - 1) // bs
         m = int(nblocks.max()) if len(nblocks) else 0
         table = block_table[:, :m].long()
         used = torch.arange(m)[None, :] < nblocks[:, None]
+        if sparse_decodes:
+            used[:num_decodes] = False
         ref_blocks, inverse = torch.unique(table[used], return_inverse=True)
         scratch_table = torch.zeros_like(table)
         scratch_table[used] = inverse
@@ -103,16 +115,19 @@ class CSRRuntime:
         wreq_blocks = table[window.read_req, window.read_pos // bs] if window.read_req.numel() \
             else torch.zeros(0, dtype=torch.long)
         window_scratch = self._to_scratch(wreq_blocks * bs + window.read_pos % bs, ref_blocks)
-        num_decodes = int((query_lens == 1).cumprod(0).sum()) if len(query_lens) else 0
         return StepPlan(positions, ref_blocks, ref_pos0, scratch_table.to(torch.int32),
-                        new_scratch, window, window_scratch, num_decodes, seq_lens, query_lens)
+                        new_scratch, window, window_scratch,
+                        num_decodes if sparse_decodes else 0, seq_lens, query_lens, table)
 
     def _to_scratch(self, slots: Tensor, ref_blocks: Tensor) -> Tensor:
         """Physical slots [K] -> scratch slots [K] (-1 stays -1)."""
         bs = self.block_size
         live = slots >= 0
         blocks = torch.where(live, slots // bs, torch.zeros_like(slots))
-        idx = torch.searchsorted(ref_blocks, blocks).clamp_max(max(len(ref_blocks) - 1, 0))
+        if not len(ref_blocks):
+            return torch.full_like(slots, -1)
+        idx = torch.searchsorted(ref_blocks, blocks).clamp_max(len(ref_blocks) - 1)
+        live &= ref_blocks[idx] == blocks  # blocks outside the scratch buffer map to -1
         return torch.where(live, idx * bs + slots % bs, torch.full_like(slots, -1))
 
     # -- per layer ---------------------------------------------------------------------------
@@ -173,16 +188,69 @@ class CSRRuntime:
             if pool is not None and pool.occupancy():
                 o_slots, o_heads, o_vec = pool.entries()
                 sc = self._to_scratch(o_slots, plan.ref_blocks)
-                hit = (sc >= 0) & torch.isin(o_slots // bs, plan.ref_blocks)
+                hit = sc >= 0
                 dst[sc[hit], o_heads[hit]] = o_vec[hit].to(self.dtype)
         if plan.window_scratch.numel():
             wk, wv = self.window.read(layer, plan.window)
-            k[plan.window_scratch], v[plan.window_scratch] = wk, wv
+            hit = plan.window_scratch >= 0
+            k[plan.window_scratch[hit]], v[plan.window_scratch[hit]] = wk[hit], wv[hit]
         n = len(plan.new_scratch)
         live = plan.new_scratch >= 0
         k[plan.new_scratch[live]] = key[:n][live].to(self.dtype)
         v[plan.new_scratch[live]] = value[:n][live].to(self.dtype)
         return k, v
+
+    def sparse_decode(self, layer: int, plan: StepPlan, query: Tensor, key: Tensor,
+                      value: Tensor, kv_cache: Tensor, scale: float, output: Tensor) -> None:
+        """Attention in the sparse domain for the plan's leading decode requests.
+
+        query [N, Hq, D]; writes output rows [0, num_decodes) ([N, Hq * D] or [N, Hq, D])."""
+        bs, codec = self.block_size, self.codecs[layer]
+        kc, vc = codec.keys[0], codec.values[0]
+        kb = self.layout.key_bytes
+        h, d = self.dicts.shape.num_kv_heads, self.dicts.shape.head_dim
+        win = plan.window
+        wk, wv = self.window.read(layer, win) if win.read_req.numel() else (None, None)
+        pools = [self.outliers.get((layer, kind)) for kind in ("key", "value")]
+        for i in range(plan.num_decodes):
+            t = int(plan.seq_lens[i])
+            pos = torch.arange(t)
+            phys = plan.table[i, pos // bs] * bs + pos % bs
+            slots = kv_cache[phys // bs, :, phys % bs]  # [T, H, C]
+            kcode = kc.unpack(slots[..., :kb].reshape(t * h, -1).contiguous())
+            vcode = vc.unpack(slots[..., kb:].reshape(t * h, -1).contiguous())
+            mk = torch.zeros(t, h, dtype=torch.bool)
+            mv = torch.zeros(t, h, dtype=torch.bool)
+            ek = torch.zeros(t, h, d, dtype=self.dtype)
+            ev = torch.zeros(t, h, d, dtype=self.dtype)
+            if wk is not None:
+                sel = win.read_req == i
+                p = win.read_pos[sel]
+                ek[p], ev[p], mk[p], mv[p] = wk[sel], wv[sel], True, True
+            order = phys.argsort()
+            for pool, dst, mask in zip(pools, (ek, ev), (mk, mv), strict=True):
+                if pool is not None and pool.occupancy():
+                    o_slots, o_heads, o_vec = pool.entries()
+                    at = torch.searchsorted(phys[order], o_slots).clamp_max(t - 1)
+                    hit = phys[order][at] == o_slots
+                    tok = order[at[hit]]
+                    dst[tok, o_heads[hit]] = o_vec[hit].to(self.dtype)
+                    mask[tok, o_heads[hit]] = True
+            row = int(plan.query_lens[:i].sum())
+            ek[t - 1], ev[t - 1], mk[t - 1], mv[t - 1] = key[row], value[row], True, True
+            shape = (t, h, kcode.indices.shape[1], kcode.indices.shape[2])
+            vshape = (t, h, vcode.indices.shape[1], vcode.indices.shape[2])
+            out = sparse_decode_attention(
+                query[row], kcode.indices.reshape(shape), kcode.coefs.reshape(shape), kc.atoms,
+                vcode.indices.reshape(vshape), vcode.coefs.reshape(vshape), vc.atoms,
+                pos, mk, ek, mv, ev, scale, codec.pre_rope, codec.rope_theta)
+            output[row] = out.reshape(output[row].shape).to(output.dtype)
+
+    def auto_sparse(self, max_seq_len: int) -> bool:
+        """``read_path: auto``: the sparse path for decode rows from this context length on.
+
+        Measured by benchmarks/read_paths.py on this project's CPU reference; see README."""
+        return max_seq_len >= SPARSE_FROM_TOKENS
 
     # -- accounting --------------------------------------------------------------------------
     @property
