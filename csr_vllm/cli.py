@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -104,8 +105,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"  {name:9s} {cfg.slot_bytes():3d} B per (token, KV head) vs {dense} B bf16: "
               f"{cfg.bits_per_channel(shape.head_dim):.3f} bits/channel, "
               f"{dense / cfg.slot_bytes():.1f}x the tokens")
-    print("The vLLM backend that serves with these pages is not built yet; this command "
-          "stops after preparing the model and the dictionary.")
+    cmd = [sys.executable, "-m", "csr_vllm.vllm_launcher", "serve", str(model),
+           "--kv-cache-backend", "csr", "--csr-dict", str(dict_dir),
+           "--csr-preset", args.preset, "--host", args.host, "--port", str(args.port),
+           *[a for a in args.vllm_args if a != "--"]]
+    print("serving:    vllm " + " ".join(cmd[3:]), flush=True)
+    print(f"URL:        http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
+    if args.dry_run:
+        return
+    os.execv(sys.executable, cmd)
 
 
 def cmd_ruler(args: argparse.Namespace) -> None:
@@ -139,8 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
     f.set_defaults(fn=cmd_fetch_model)
 
-    sv = sub.add_parser("serve", help="prepare the default model + dictionary (then serve)")
+    sv = sub.add_parser("serve", help="prepare the default model + dictionary and serve it "
+                        "with CSR through vLLM's OpenAI server")
     sv.add_argument("--model", help="HF model folder (default: the default model)")
+    sv.add_argument("--preset", default="csr-2b", choices=sorted(PRESETS))
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--dry-run", action="store_true", help="prepare and print, do not serve")
+    sv.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                    help="further `vllm serve` flags (after --)")
     sv.set_defaults(fn=cmd_serve)
 
     d = sub.add_parser("prepare-data", help="write the training/evaluation text files")

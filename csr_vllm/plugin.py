@@ -34,6 +34,7 @@ from csr_vllm.engine.settings import (
 logger = logging.getLogger("vllm.csr_vllm.plugin")
 
 BACKEND_PATH = "csr_vllm.engine.backend.CSRAttentionBackend"
+WORKER_EXTENSION = "csr_vllm.engine.stats.CSRWorkerExtension"
 _PATCHED = "_csr_vllm_patched"
 
 # CLI flag -> key of additional_config["csr"] (one source of truth for flag names).
@@ -78,6 +79,24 @@ def _patch_platform() -> None:
 
     get_attn_backend_cls.__dict__[_PATCHED] = True
     CpuPlatform.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+    check = CpuPlatform.check_and_update_config.__func__
+
+    @functools.wraps(check)
+    def check_and_update_config(cls, vllm_config) -> None:
+        check(cls, vllm_config)
+        # Runs while the config is built in the front process: bad CSR settings fail here,
+        # before an engine process starts, and the workers get the stats extension.
+        if settings_from_additional_config(vllm_config.additional_config) is not None:
+            par = vllm_config.parallel_config
+            if not par.worker_extension_cls:
+                par.worker_extension_cls = WORKER_EXTENSION
+            elif par.worker_extension_cls != WORKER_EXTENSION:
+                logger.warning("worker_extension_cls=%s is set; CSR statistics over "
+                               "collective_rpc('csr_stats') are unavailable",
+                               par.worker_extension_cls)
+
+    CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
 
 
 def _configure_backend(settings: CSRSettings) -> None:

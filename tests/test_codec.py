@@ -15,7 +15,12 @@ from csr_vllm.codec.config import (
     TensorCodecConfig,
     get_preset,
 )
-from csr_vllm.codec.packing import index_bits, pack_fields, unpack_fields
+from csr_vllm.codec.packing import (
+    index_bits,
+    pack_fields,
+    unpack_fields,
+    unpack_fields_reference,
+)
 from csr_vllm.codec.pursuit import (
     PURSUITS,
     best_atom,
@@ -78,7 +83,7 @@ def test_best_atom_row_blocks_agree_with_one_block(gen, unit_atoms, monkeypatch)
     atoms = unit_atoms(8, 4)
     x = torch.randn(50, 4, generator=gen)
     whole_idx, whole_corr = best_atom(x, atoms)
-    monkeypatch.setattr(pursuit_mod, "ROW_BLOCK", 7)
+    monkeypatch.setattr(pursuit_mod, "BLOCK_ENTRIES", 7 * 8)  # 7 rows of 8 atoms
     block_idx, block_corr = best_atom(x, atoms)
     assert torch.equal(whole_idx, block_idx)
     torch.testing.assert_close(whole_corr, block_corr)  # BLAS blocking may differ by 1 ulp
@@ -155,6 +160,8 @@ def test_reconstruct_is_the_weighted_sum_of_atoms(gen, unit_atoms):
         [sum(coef[n, k] * atoms[idx[n, k]] for k in range(3)) for n in range(5)]
     )
     torch.testing.assert_close(reconstruct(idx, coef, atoms), expected)
+    torch.testing.assert_close(reconstruct(idx, coef, atoms),
+                               torch.einsum("ns,nsd->nd", coef, atoms[idx]))
 
 
 # -- encode / decode round trips -----------------------------------------------------------------
@@ -223,6 +230,15 @@ def test_pack_unpack_fields_roundtrip_odd_widths(gen, extra_bytes):
     out = unpack_fields(packed, layout)
     for (values, _), got in zip(fields, out, strict=True):
         assert torch.equal(values, got)
+
+
+def test_fast_unpack_equals_bit_level_reference_on_random_bytes(gen):
+    layout = [(1, 16), (6, 8), (6, 13), (2, 17), (3, 5)]
+    nbytes = math.ceil(sum(k * b for k, b in layout) / 8)
+    packed = torch.randint(0, 256, (257, nbytes), generator=gen, dtype=torch.uint8)
+    for a, b in zip(unpack_fields(packed, layout), unpack_fields_reference(packed, layout),
+                    strict=True):
+        assert torch.equal(a, b)
 
 
 def test_pack_fields_extreme_values_roundtrip():

@@ -49,7 +49,35 @@ def pack_fields(fields: list[tuple[Tensor, int]], num_bytes: int) -> Tensor:
 
 
 def unpack_fields(packed: Tensor, layout: list[tuple[int, int]]) -> list[Tensor]:
-    """Inverse of :func:`pack_fields`: layout is [(K, bits)] per field; returns [N, K] int64 each."""
+    """Inverse of :func:`pack_fields`: layout is [(K, bits)] per field; returns [N, K] int64 each.
+
+    Fields of at most 17 bits span at most 3 bytes, so each is read as a 24-bit little-endian
+    word gathered at its byte offset, shifted and masked: no per-bit expansion (the read path
+    unpacks every referenced slot each step). Wider fields take the bit-level reference.
+    """
+    if any(bits > 17 for _, bits in layout):
+        return unpack_fields_reference(packed, layout)
+    n, nbytes = packed.shape
+    offsets = torch.cat([pos + torch.arange(count) * bits for pos, (count, bits) in
+                         zip(_starts(layout), layout, strict=True)])
+    widths = torch.cat([torch.full((count,), bits) for count, bits in layout])
+    first = offsets // 8
+    padded = torch.nn.functional.pad(packed, (0, 3)).to(torch.int32)
+    word = (padded[:, first] | (padded[:, first + 1] << 8) | (padded[:, first + 2] << 16))
+    values = ((word >> (offsets % 8).to(torch.int32)) & ((1 << widths) - 1).to(torch.int32))
+    return list(values.to(torch.int64).split([count for count, _ in layout], dim=1))
+
+
+def _starts(layout: list[tuple[int, int]]) -> list[int]:
+    out, pos = [], 0
+    for count, bits in layout:
+        out.append(pos)
+        pos += count * bits
+    return out
+
+
+def unpack_fields_reference(packed: Tensor, layout: list[tuple[int, int]]) -> list[Tensor]:
+    """Bit-level unpacking (the spec :func:`unpack_fields` is tested against)."""
     n = packed.shape[0]
     shifts = torch.arange(8, device=packed.device)
     stream = ((packed.to(torch.int64)[:, :, None] >> shifts) & 1).reshape(n, -1)

@@ -21,8 +21,11 @@ from csr_vllm.engine.page_layout import LayerCodec, SlotLayout
 from csr_vllm.engine.settings import CSRSettings
 from csr_vllm.engine.sparse_attention import sparse_decode_attention
 
-# Context length from which ``auto`` sends decode rows to the sparse read path (README,
-# "Read paths"); re-measure with benchmarks/read_paths.py when either path changes.
+# Context length from which ``auto`` sends decode rows to the sparse read path. Measured with
+# benchmarks/read_paths.py (csr-2b, pre-RoPE keys, batch 4, this CPU): sparse took 1.3-1.9x the
+# reconstruct path's time at 512-8192 tokens, so ``auto`` never picks it here. With pre-RoPE
+# keys the score side cannot share a q.D table across tokens (see sparse_attention.py); the
+# crossover belongs to the fused kernels. Re-measure when either path changes.
 SPARSE_FROM_TOKENS = 1 << 62
 
 
@@ -59,9 +62,20 @@ class RuntimeStats:
     """Counters for /csr/stats and the metrics (worker side)."""
 
     encoded_vectors: int = 0
-    encode_seconds: list[float] = field(default_factory=list)
+    encode_calls: int = 0
+    encode_seconds_total: float = 0.0
+    # Cumulative histogram of per-call encode time (bounded memory in long-lived servers).
+    encode_buckets: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
+    encode_bucket_counts: list[int] = field(default_factory=lambda: [0] * 10)
     rel_error_sum: float = 0.0
     rel_error_count: int = 0
+
+    def observe_encode(self, seconds: float) -> None:
+        self.encode_calls += 1
+        self.encode_seconds_total += seconds
+        i = next((i for i, b in enumerate(self.encode_buckets) if seconds <= b),
+                 len(self.encode_buckets))
+        self.encode_bucket_counts[i] += 1
 
 
 class CSRRuntime:
@@ -154,7 +168,7 @@ class CSRRuntime:
         bs = self.block_size
         s = slots[live]
         kv_cache[s // bs, :, s % bs] = codes
-        self.stats.encode_seconds.append(time.perf_counter() - t0)
+        self.stats.observe_encode(time.perf_counter() - t0)
         self.stats.encoded_vectors += 2 * codes.shape[0] * codes.shape[1]
 
         for kind, x, rec in (("key", key[live], k_rec), ("value", value[live], v_rec)):

@@ -1,0 +1,157 @@
+"""KV capacity and decode speed through vLLM: bf16 vs each CSR preset at the same KV budget.
+
+    python benchmarks/capacity.py [--kv-space-gib 1] [--batch 8] [--repeats 3]
+
+Each method runs in its own engine process (same ``VLLM_CPU_KVCACHE_SPACE``), and reports:
+
+* vLLM's own token capacity (``num_blocks x block_size``, the "CPU KV cache size: N tokens"
+  it logs and exports as ``kv_cache_size_tokens``),
+* bytes per token in the pool, and the CSR backend's side memory outside the pool
+  (dictionaries, dense window guard, outlier guard), read from the worker (collective_rpc),
+* decode tokens/s at batch 1 and at ``--batch`` (requests of ``--prompt-tokens`` held-out
+  tokens, ``--decode-tokens`` generated; decode time = time(n tokens) - time(1 token),
+  median over ``--repeats``), and the CSR/bf16 ratio from this one run.
+
+Writes ``OUT/capacity.json`` and ``OUT/capacity.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+METHODS = ["bf16", "csr-4b", "csr-2b", "csr-1.5b", "csr-1b"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", help="HF model folder (default: the default model)")
+    p.add_argument("--dict", help="dictionary folder (default: the default dictionary)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--kv-space-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--read-path", default="auto", choices=["auto", "reconstruct", "sparse"])
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one method
+    return p.parse_args(argv)
+
+
+def run_method(args: argparse.Namespace) -> dict:
+    """One engine: capacity, side memory and decode timings (runs in its own process)."""
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from csr_vllm.data.corpora import corpus_file
+
+    method = args.worker
+    kw = {"max_model_len": 2048, "enforce_eager": True, "seed": 0}
+    if method != "bf16":
+        kw["additional_config"] = {"kv_cache_backend": "csr", "csr": {
+            "dict": args.dict, "preset": method, "read_path": args.read_path}}
+    llm = LLM(args.model, **kw)
+    cache = llm.llm_engine.vllm_config.cache_config
+    res = {"method": method, "num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+           "capacity_tokens": cache.num_gpu_blocks * cache.block_size}
+    if method != "bf16":
+        res["csr"] = llm.collective_rpc("csr_stats")[0]
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    ids = tok(corpus_file("eval-essays").read_text()[:400000])["input_ids"]
+    n = args.prompt_tokens
+    prompts = [TokensPrompt(prompt_token_ids=ids[i * n:(i + 1) * n]) for i in range(args.batch)]
+
+    def timed(batch: int, tokens: int) -> float:
+        sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+        t = time.perf_counter()
+        llm.generate(prompts[:batch], sp, use_tqdm=False)
+        return time.perf_counter() - t
+
+    for batch in (1, args.batch):
+        timed(batch, 2)  # warm-up
+        per = []
+        for _ in range(args.repeats):
+            prefill = timed(batch, 1)
+            full = timed(batch, args.decode_tokens + 1)
+            per.append(batch * args.decode_tokens / max(full - prefill, 1e-9))
+        res[f"decode_tok_s_b{batch}"] = statistics.median(per)
+        res[f"decode_tok_s_b{batch}_all"] = per
+    return res
+
+
+def main() -> None:
+    args = parse_args()
+    from csr_vllm.cli import model_dir_or_default
+
+    args.model = str(model_dir_or_default(args.model))
+    if args.dict is None:
+        from csr_vllm.defaults import default_dictionary
+
+        args.dict = str(default_dictionary(Path(args.model)))
+    if args.worker:
+        print("RESULT " + json.dumps(run_method(args)), flush=True)
+        return
+
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
+    results = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--worker", method, *sys.argv[1:]]
+        cmd += ["--model", args.model, "--dict", args.dict]
+        print(f"[capacity] {method} ...", flush=True)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not line:
+            sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(line[-1][7:]))
+
+    bf16 = next(r for r in results if r["method"] == "bf16")
+    for r in results:
+        r["capacity_ratio"] = r["capacity_tokens"] / bf16["capacity_tokens"]
+        for b in (1, args.batch):
+            r[f"speed_ratio_b{b}"] = r[f"decode_tok_s_b{b}"] / bf16[f"decode_tok_s_b{b}"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {k: getattr(args, k) for k in ("kv_space_gib", "batch", "prompt_tokens",
+                                         "decode_tokens", "repeats", "read_path")}
+    (out / "capacity.json").write_text(json.dumps({"settings": meta, "results": results},
+                                                  indent=1))
+    table = render(results, args.batch, args.kv_space_gib)
+    (out / "capacity.md").write_text(table)
+    print(table)
+
+
+def render(results: list[dict], batch: int, gib: int) -> str:
+    lines = [
+        f"| method | KV tokens at {gib} GiB (vLLM) | x bf16 | pool bytes/token | side memory "
+        f"(dict + window + outliers) | decode tok/s b1 | b{batch} | CSR/bf16 b1 | b{batch} |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    dense_bpt = next((r["csr"]["dense_bytes_per_token"] for r in results if r.get("csr")), None)
+    for r in results:
+        csr = r.get("csr")
+        per_token = csr["kv_bytes_per_token"] if csr else dense_bpt
+        if csr:
+            side = csr["side_bytes"]
+            side_txt = (f"{side['dictionaries'] / 2**20:.0f} + {side['window_guard'] / 2**20:.0f}"
+                        f" + {side['outlier_guard'] / 2**20:.0f} MiB")
+        else:
+            side_txt = "0"
+        lines.append(
+            f"| {r['method']} | {r['capacity_tokens']:,} | {r['capacity_ratio']:.1f}x | "
+            f"{per_token if per_token else '-'} | {side_txt} | "
+            f"{r['decode_tok_s_b1']:.1f} | {r[f'decode_tok_s_b{batch}']:.1f} | "
+            f"{r['speed_ratio_b1']:.2f} | {r[f'speed_ratio_b{batch}']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

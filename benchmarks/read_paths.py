@@ -1,0 +1,167 @@
+"""Decode attention read paths on this machine: dense bf16 vs CSR reconstruct vs CSR sparse.
+
+    python benchmarks/read_paths.py [--preset csr-2b] [--contexts 512,2048,8192] [--batch 4]
+
+One attention layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64,
+block 128) decoding ``--batch`` sequences of each context length, through the real code:
+vLLM's CPU kernel over bf16 pages (dense), and CSRAttentionImpl.forward over CSR pages with
+``reconstruct`` and with ``sparse`` decode rows. Codes are random valid codes of the preset
+(speed does not depend on their values). Medians over ``--repeats``; the ratios are taken
+within this one run. Writes ``OUT/read_paths.json`` and ``OUT/read_paths.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import types
+from pathlib import Path
+from unittest import mock
+
+import torch
+from vllm import _custom_ops as ops
+from vllm.v1.attention.backends import cpu_attn
+
+from csr_vllm.codec.codec import SparseCode
+from csr_vllm.codec.config import get_preset
+from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.backend import CSRAttentionImpl, CSRMetadata
+from csr_vllm.engine.runtime import CSRRuntime
+from csr_vllm.engine.settings import CSRSettings
+
+HQ, H, D, BS = 9, 3, 64, 128
+DTYPE = torch.bfloat16
+
+
+def random_pages(runtime: CSRRuntime, num_blocks: int, gen: torch.Generator) -> torch.Tensor:
+    codec = runtime.codecs[0]
+    parts = []
+    n = num_blocks * H * BS
+    for c in (codec.keys[0], codec.values[0]):
+        cfg = c.config
+        shape = (n, cfg.chunks, cfg.atoms_per_chunk)
+        idx = torch.randint(0, cfg.num_atoms, shape, generator=gen)
+        coef = (torch.randn(shape, generator=gen) * 0.5).to(torch.float8_e4m3fn).float()
+        parts.append(c.pack(SparseCode(idx, coef, None)))
+    return torch.cat(parts, 1).reshape(num_blocks, H, BS, -1)
+
+
+def bench(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def measure_context(t: int, b: int, repeats: int, dicts: DictionarySet, impl, layer, isa: str,
+                    gen: torch.Generator) -> dict:
+    """Median times of one decode step of one layer, batch ``b`` at context ``t``."""
+    nb = -(-t // BS)
+    block_table = torch.randperm(b * nb, generator=gen).reshape(b, nb).to(torch.int32)
+    seq_lens = torch.full((b,), t, dtype=torch.int32)
+    qsl = torch.arange(b + 1, dtype=torch.int32)
+    slot_mapping = (block_table[:, (t - 1) // BS].long() * BS + (t - 1) % BS)
+    query = torch.randn(b, HQ, D, generator=gen).to(DTYPE)
+    key = torch.randn(b, H, D, generator=gen).to(DTYPE)
+    value = torch.randn(b, H, D, generator=gen).to(DTYPE)
+    out = torch.empty(b, HQ, D, dtype=DTYPE)
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=b, num_heads=HQ, num_kv_heads=H, head_dim=D, seq_lens=seq_lens,
+        dtype=DTYPE, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
+        enable_kv_split=False, dynamic_causal=None, kv_cache_dtype="auto")
+
+    dense = torch.empty(b * nb, H, 2 * BS, D, dtype=DTYPE)
+    kc, vc = dense.chunk(2, dim=2)
+    n = b * nb * BS  # every slot written in the kernel's own layout
+    ops.cpu_attn_reshape_and_cache(
+        torch.randn(n, H, D, generator=gen).to(DTYPE), torch.randn(n, H, D, generator=gen).to(DTYPE),
+        kc, vc, torch.arange(n), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+
+    def run_dense():
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
+            seq_lens=seq_lens, scale=D**-0.5, causal=True, alibi_slopes=None,
+            sliding_window=-1, block_table=block_table, softcap=0,
+            scheduler_metadata=sched, s_aux=None, dynamic_causal=None, k_scale=1.0,
+            v_scale=1.0, kv_cache_dtype="auto")
+
+    row = {"context": t, "batch": b, "dense_ms": 1e3 * bench(run_dense, repeats)}
+    for path in ("reconstruct", "sparse"):
+        runtime = CSRRuntime(dicts, CSRSettings(read_path=path), BS, DTYPE)
+        runtime.codecs = runtime.codecs[:1]
+        pages = random_pages(runtime, b * nb, gen)
+
+        def run_csr(runtime=runtime, pages=pages, path=path):
+            plan = runtime.plan(block_table, seq_lens, qsl, slot_mapping,
+                                sparse_decodes=path == "sparse")
+            meta = CSRMetadata(
+                num_actual_tokens=b, max_query_len=1, query_start_loc=qsl, max_seq_len=t,
+                seq_lens=seq_lens, block_table=block_table, slot_mapping=slot_mapping,
+                scheduler_metadata=sched, csr_plan=plan, csr_runtime=runtime)
+            impl.forward(layer, query, key, value, pages, meta, out)
+
+        row[f"{path}_ms"] = 1e3 * bench(run_csr, repeats)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--dict", help="dictionary folder (default: the default dictionary)")
+    p.add_argument("--preset", default="csr-2b")
+    p.add_argument("--contexts", default="512,2048,8192")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args()
+    # vLLM's CPU worker asks the kernel for AMX tile permission at start-up; this script runs
+    # the kernels outside a worker, so it asks itself (else: SIGILL on AMX machines).
+    if torch.cpu._is_amx_tile_supported():
+        torch._C._cpu._init_amx()
+    if args.dict is None:
+        from csr_vllm.cli import model_dir_or_default
+        from csr_vllm.defaults import default_dictionary
+
+        args.dict = str(default_dictionary(model_dir_or_default(None)))
+    dicts = DictionarySet.load(args.dict)
+    dicts = dicts.with_codec(get_preset(args.preset).config_for(D))
+    gen = torch.Generator().manual_seed(0)
+    cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=DTYPE))
+    with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: cfg):
+        impl = CSRAttentionImpl(HQ, D, D**-0.5, H, None, None, "auto")
+    isa = cpu_attn._get_attn_isa(DTYPE, BS, D)
+    layer = types.SimpleNamespace(isa=isa, layer_name="model.layers.0.self_attn.attn",
+                                  _csr_layer_index=0)
+
+    rows = []
+    for t in [int(x) for x in args.contexts.split(",")]:
+        row = measure_context(t, args.batch, args.repeats, dicts, impl, layer, isa, gen)
+        row["reconstruct_vs_dense"] = row["reconstruct_ms"] / row["dense_ms"]
+        row["sparse_vs_dense"] = row["sparse_ms"] / row["dense_ms"]
+        row["sparse_vs_reconstruct"] = row["sparse_ms"] / row["reconstruct_ms"]
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "read_paths.json").write_text(json.dumps({"preset": args.preset, "rows": rows},
+                                                        indent=1))
+    lines = [f"| context | batch | dense ms | {args.preset} reconstruct ms | sparse ms | "
+             "reconstruct / dense | sparse / dense | sparse / reconstruct |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['context']} | {r['batch']} | {r['dense_ms']:.2f} | "
+                     f"{r['reconstruct_ms']:.2f} | {r['sparse_ms']:.2f} | "
+                     f"{r['reconstruct_vs_dense']:.1f}x | {r['sparse_vs_dense']:.1f}x | "
+                     f"{r['sparse_vs_reconstruct']:.2f}x |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "read_paths.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

