@@ -15,8 +15,48 @@ import os
 import sys
 
 
+async def cancel_mid_stream(spec: dict) -> dict:
+    """Stream several requests through AsyncLLM, drop most of them after a few tokens, then
+    run one request that needs every block of the (small) pool: it can only finish if the
+    cancelled requests gave all their blocks back."""
+    import asyncio
+
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.inputs import TokensPrompt
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine_kw = {"model": spec["model"], "enforce_eager": True, "seed": 0,
+                 **spec.get("engine", {})}
+    if spec.get("csr") is not None:
+        engine_kw["additional_config"] = {"kv_cache_backend": "csr", "csr": spec["csr"]}
+    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kw))
+    sp = SamplingParams(temperature=0, max_tokens=spec["max_tokens"], ignore_eos=True)
+
+    async def stream(i: int, prompt: list[int], stop_after: int | None) -> int:
+        n = 0
+        async for out in llm.generate(TokensPrompt(prompt_token_ids=prompt), sp, f"r{i}"):
+            n = len(out.outputs[0].token_ids)
+            if stop_after is not None and n >= stop_after:
+                break  # closing the generator aborts the request
+        return n
+
+    prompts = spec["prompts"]
+    counts = await asyncio.gather(*[stream(i, p, 3 if i % 3 else None)
+                                    for i, p in enumerate(prompts)])
+    whole = spec["fill_prompt"]
+    final = await asyncio.wait_for(stream(len(prompts), whole, None), timeout=600)
+    llm.shutdown()
+    return {"streamed": counts, "fill_tokens": final}
+
+
 def main() -> None:
     spec = json.loads(sys.argv[1])
+    if spec.get("mode") == "cancel":
+        import asyncio
+
+        print("RESULT " + json.dumps(asyncio.run(cancel_mid_stream(spec))), flush=True)
+        return
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
