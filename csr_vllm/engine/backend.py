@@ -23,6 +23,7 @@ config is not set, so the slot size comes from the class state set at selection.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -109,7 +110,7 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
         dicts, settings = CSRAttentionBackend.dicts, CSRAttentionBackend.settings
         self.runtime = CSRRuntime(dicts, settings, kv_cache_spec.block_size,
                                   vllm_config.model_config.dtype)
-        _RUNTIMES.append(self.runtime)
+        _RUNTIMES.add(self.runtime)
         side = self.runtime.side_bytes()
         logger.info(
             "CSR KV cache: %d bytes per (token, KV head) slot (bf16: %d), %.3f bits/channel; "
@@ -153,8 +154,9 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
         return path == "sparse"
 
 
-# Runtimes of this process (normally one), for worker-side statistics (collective_rpc).
-_RUNTIMES: list[CSRRuntime] = []
+# Runtimes of this process (normally one), for worker-side statistics (collective_rpc). Weak:
+# a runtime lives exactly as long as the builder vLLM keeps for its KV cache group.
+_RUNTIMES: weakref.WeakSet[CSRRuntime] = weakref.WeakSet()
 
 
 def runtimes() -> list[CSRRuntime]:

@@ -56,10 +56,6 @@ class LayerCodec:
         self.keys = [dicts.codec("key", layer, h) for h in heads]
         self.values = [dicts.codec("value", layer, h) for h in heads]
 
-    @property
-    def dictionary_bytes(self) -> int:
-        return sum(c.atoms.nbytes for c in self.keys + self.values)
-
     def _rope(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         cos, sin = rope_tables(self.head_dim, self.rope_theta, positions, dtype)
         return cos[:, None], sin[:, None]  # broadcast over heads

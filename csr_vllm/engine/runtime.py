@@ -267,15 +267,11 @@ class CSRRuntime:
         return max_seq_len >= SPARSE_FROM_TOKENS
 
     # -- accounting --------------------------------------------------------------------------
-    @property
-    def dictionary_bytes(self) -> int:
-        return self.dicts.nbytes
-
     def side_bytes(self) -> dict[str, int]:
         """Memory held outside vLLM's KV pool, by kind."""
         shape = self.dicts.shape
         return {
-            "dictionaries": self.dictionary_bytes,
+            "dictionaries": self.dicts.nbytes,
             "window_guard": self.window.reserved_bytes(shape.num_layers),
             "outlier_guard": sum(p.nbytes for p in self.outliers.values()),
         }

@@ -29,6 +29,7 @@ def worker_stats(worker: Any = None) -> dict:
             "dense_bytes_per_token": 4 * shape.head_dim * shape.num_kv_heads * shape.num_layers,
             "side_bytes": side,
             "window_guard_blocks": rt.window.occupancy(),
+            "window_guard_bytes_allocated": rt.window.nbytes,
             "window_guard_capacity_blocks": rt.window.capacity,
             "window_misses": rt.window.window_misses,
             "outlier_vectors": sum(p.occupancy() for p in rt.outliers.values()),
