@@ -83,8 +83,12 @@ def scenario(model_dir, prompts, identity_dict, default_dict):
         "csr-2b-sparse": {"csr": {"dict": default_dict, "preset": "csr-2b",
                                   "read_path": "sparse"}},
         "bf16-pressured": {"engine": pressured},
+        # The dense window on and a pool of 2 sequences' blocks: under preemption and prefix
+        # hits blocks are freed, reused and evicted; a stale window copy would be another
+        # token's K/V and change the output, so exact equality with stock checks the Guard.
         "lossless-pressured": {"csr": {"dict": identity_dict, "preset": None,
-                                       "guard_window": 0}, "engine": pressured},
+                                       "guard_window": 128, "guard_max_seqs": 2},
+                               "engine": pressured},
         "csr-2b-pressured": {"csr": {"dict": default_dict, "preset": "csr-2b"},
                              "engine": pressured},
     }
