@@ -142,3 +142,16 @@ def test_outlier_guard_keeps_the_worst_vectors_and_counts_them(model, windows, t
     some = window_nlls(model, windows[:1], partial, 8, progress=False)
     assert exact[0][0] < some[0][0] < lossy[0][0]
     assert 0 < partial.guard_bits_per_channel(d) <= 0.05 * (16 + 32 / d) + 1e-9
+
+
+def test_outlier_guard_method_names(tmp_path):
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+
+    shape = ModelShape("LlamaForCausalLM", 2, 1, 8, 10000.0, "tiny")
+    identity_dictionary(shape).save(tmp_path)
+    method = make_method("csr+outliers=0.05", tmp_path, shape)
+    assert isinstance(method, CSR) and method.guard_fraction == 0.05
+    assert make_method("csr", tmp_path, shape).guard_fraction == 0.0
+    with pytest.raises(ValueError, match="bad outlier fraction"):
+        make_method("csr+outliers=lots", tmp_path, shape)

@@ -184,8 +184,15 @@ def make_method(name: str, dict_dir: str | Path | None = None,
     if name.startswith("csr"):
         if dict_dir is None:
             raise ValueError(f"method {name} needs --dict DIR (a trained dictionary)")
+        # "csr-2b+outliers=0.02": the outlier Guard keeps the worst 2% of vectors exact.
+        base, _, extra = name.partition("+outliers=")
+        try:
+            fraction = float(extra) if extra else 0.0
+        except ValueError:
+            raise ValueError(f"bad outlier fraction in {name!r} (e.g. csr-2b+outliers=0.02)") \
+                from None
         dicts = DictionarySet.load(dict_dir, expect=shape)
-        if name != "csr":  # a preset applied to the dictionary's atoms
-            dicts = dicts.with_codec(get_preset(name).config_for(dicts.shape.head_dim))
-        return CSR(dicts, name)
+        if base != "csr":  # a preset applied to the dictionary's atoms
+            dicts = dicts.with_codec(get_preset(base).config_for(dicts.shape.head_dim))
+        return CSR(dicts, name, guard_fraction=fraction)
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(PEERS)}, csr-<preset>")
