@@ -125,11 +125,21 @@ def cmd_ruler(args: argparse.Namespace) -> None:
 
     model_dir = model_dir_or_default(args.model)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    if args.dict is None and any(m.startswith("csr") for m in args.methods.split(",")):
+        from csr_vllm.defaults import default_dictionary
+
+        args.dict = default_dictionary(model_dir)
     methods = {m: make_method(m, args.dict, shape) for m in args.methods.split(",")}
     res = run_ruler(model_dir, args.task, [int(x) for x in args.lengths.split(",")],
                     args.samples, methods, args.guard)
-    out = {"task": args.task, "guard": args.guard, "results": res}
-    summary = {m: {n: f"{r['correct']}/{r['trials']}" for n, r in per.items()}
+    bits = {}
+    for name, method in methods.items():
+        bits[name] = method.bits_per_channel(shape.head_dim)
+        if hasattr(method, "guard_bits_per_channel"):  # outlier Guard bytes, amortised
+            bits[name] += method.guard_bits_per_channel(shape.head_dim)
+    out = {"task": args.task, "guard": args.guard, "bits_per_channel": bits, "results": res}
+    summary = {m: {"bits_per_channel": round(bits[m], 3),
+                   **{n: f"{r['correct']}/{r['trials']}" for n, r in per.items()}}
                for m, per in res.items()}
     print(json.dumps(summary, indent=1))
     if args.json:
@@ -202,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lengths", default="1024,2048,4096")
     r.add_argument("--samples", type=int, default=20, help="trials per length")
     r.add_argument("--methods", default="bf16,csr-2b", help="comma-separated methods")
-    r.add_argument("--dict", help="dictionary folder (csr methods)")
+    r.add_argument("--dict", help="dictionary folder (csr methods; default: the default "
+                   "dictionary of the default model)")
     r.add_argument("--guard", type=int, default=128)
     r.add_argument("--json", help="write the result here")
     r.set_defaults(fn=cmd_ruler)
