@@ -184,6 +184,15 @@ def test_real_codec_matches_reference_codec(gen, sparse, window):
         torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)
 
 
+def test_scratch_peak_is_recorded(gen):
+    """The reconstruct path's transient scratch is memory outside the pool: it is measured."""
+    eng = Engine(random_dictionary(gen), CSRSettings(guard_window=0), gen)
+    eng.step({0: 40, 1: 70})
+    blocks = len(eng.tables[0]) + len(eng.tables[1])
+    dense_pages = blocks * H * 2 * BS * D * 2  # bf16 scratch pages
+    assert eng.runtime.stats.scratch_bytes_peak == 2 * dense_pages  # + decoded K and V
+
+
 def test_codec_error_is_visible(gen):
     """The reference comparison above is not vacuous: exact K/V give a different answer."""
     dicts = random_dictionary(gen, s=1)

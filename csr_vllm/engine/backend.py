@@ -224,6 +224,9 @@ class CSRAttentionImpl(CPUAttentionBackendImpl):
         bs = runtime.block_size
         r, h, d = len(plan.ref_blocks), self.num_kv_heads, self.head_size
         scratch = torch.empty(r, h, 2 * bs, d, dtype=k.dtype)
+        stats = runtime.stats
+        stats.scratch_bytes_peak = max(stats.scratch_bytes_peak,
+                                       scratch.nbytes + k.nbytes + v.nbytes)
         key_cache, value_cache = scratch.chunk(2, dim=2)
         ops.cpu_attn_reshape_and_cache(
             k, v, key_cache, value_cache, torch.arange(r * bs, dtype=torch.long),

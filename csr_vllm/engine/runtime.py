@@ -69,6 +69,9 @@ class RuntimeStats:
     encode_bucket_counts: list[int] = field(default_factory=lambda: [0] * 10)
     rel_error_sum: float = 0.0
     rel_error_count: int = 0
+    # Largest transient buffer of the reconstruct read path (decoded K/V + the dense scratch
+    # pages of one layer); freed after each layer, but real memory at that moment.
+    scratch_bytes_peak: int = 0
 
     def observe_encode(self, seconds: float) -> None:
         self.encode_calls += 1

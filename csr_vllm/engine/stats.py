@@ -30,6 +30,7 @@ def worker_stats(worker: Any = None) -> dict:
             "side_bytes": side,
             "window_guard_blocks": rt.window.occupancy(),
             "window_guard_bytes_allocated": rt.window.nbytes,
+            "scratch_bytes_peak": st.scratch_bytes_peak,
             "window_guard_capacity_blocks": rt.window.capacity,
             "window_misses": rt.window.window_misses,
             "outlier_vectors": sum(p.occupancy() for p in rt.outliers.values()),
