@@ -131,7 +131,7 @@ def load_dictionaries(settings: CSRSettings, hf_config, model: str):
                 f"train one with `csr-vllm train-dict --model {model} --out DIR` and pass "
                 "--csr-dict DIR")
     dicts = DictionarySet.load(folder, expect=shape)
-    if settings.preset is not None and dicts.config.key.num_atoms > shape.head_dim:
+    if settings.preset is not None:  # with_codec refuses a dictionary it does not fit
         dicts = dicts.with_codec(get_preset(settings.preset).config_for(shape.head_dim))
     if dicts.config.key_rope == "pre":
         _check_default_rope(hf_config)

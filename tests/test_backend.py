@@ -265,3 +265,10 @@ def test_outlier_pool_keeps_bad_vectors_exact_and_drops_oldest_when_full(gen):
     slots, heads, _ = pool.entries()
     first = eng.tables[0][0] * BS
     assert not ((slots == first) & (heads == 0)).any()  # token 0, head 0 was the oldest
+
+
+def test_outlier_pool_size_formula_matches_allocation():
+    from csr_vllm.engine.guard import OutlierGuard
+
+    pool = OutlierGuard(100, D, H, DTYPE)
+    assert pool.nbytes == OutlierGuard.bytes_for(100, D, DTYPE)

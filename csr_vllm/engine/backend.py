@@ -42,6 +42,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.guard import OutlierGuard
 from csr_vllm.engine.page_layout import SlotLayout
 from csr_vllm.engine.runtime import CSRRuntime, StepPlan
 from csr_vllm.engine.settings import CSRSettings
@@ -120,7 +121,7 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
             dicts.config.bits_per_channel(dicts.shape.head_dim),
             side["dictionaries"] / 2**20, side["window_guard"] / 2**20,
             self.runtime.window.capacity,
-            _outlier_reserved(dicts, settings) / 2**20)
+            _outlier_reserved(dicts, settings, vllm_config.model_config.dtype) / 2**20)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CSRMetadata:
@@ -163,11 +164,12 @@ def runtimes() -> list[CSRRuntime]:
     return list(_RUNTIMES)
 
 
-def _outlier_reserved(dicts: DictionarySet, settings: CSRSettings) -> int:
+def _outlier_reserved(dicts: DictionarySet, settings: CSRSettings, dtype: torch.dtype) -> int:
+    """Upper bound of the outlier pools: one per layer and tensor, allocated on first use."""
     if not settings.outlier_threshold:
         return 0
-    s = dicts.shape
-    return 2 * s.num_layers * settings.outlier_capacity * (2 * s.head_dim + 8)
+    per_pool = OutlierGuard.bytes_for(settings.outlier_capacity, dicts.shape.head_dim, dtype)
+    return 2 * dicts.shape.num_layers * per_pool
 
 
 class CSRAttentionImpl(CPUAttentionBackendImpl):

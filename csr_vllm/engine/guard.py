@@ -208,6 +208,11 @@ class OutlierGuard:
     def nbytes(self) -> int:
         return self.owner.nbytes + self.data.nbytes
 
+    @staticmethod
+    def bytes_for(capacity: int, head_dim: int, dtype: torch.dtype) -> int:
+        """What one pool of ``capacity`` vectors takes (owner ids + vectors)."""
+        return capacity * (8 + head_dim * torch.finfo(dtype).bits // 8)
+
 
 def _ragged_arange(counts: Tensor) -> Tensor:
     """[0..c0), [0..c1), ... concatenated."""

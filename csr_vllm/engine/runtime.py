@@ -57,6 +57,9 @@ class StepPlan:
     table: Tensor
 
 
+ENCODE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # seconds
+
+
 @dataclass
 class RuntimeStats:
     """Counters for /csr/stats and the metrics (worker side)."""
@@ -65,8 +68,9 @@ class RuntimeStats:
     encode_calls: int = 0
     encode_seconds_total: float = 0.0
     # Cumulative histogram of per-call encode time (bounded memory in long-lived servers).
-    encode_buckets: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
-    encode_bucket_counts: list[int] = field(default_factory=lambda: [0] * 10)
+    encode_buckets: tuple[float, ...] = ENCODE_BUCKETS
+    encode_bucket_counts: list[int] = field(
+        default_factory=lambda: [0] * (len(ENCODE_BUCKETS) + 1))  # last: +Inf
     rel_error_sum: float = 0.0
     rel_error_count: int = 0
     # Largest transient buffer of the reconstruct read path (decoded K/V + the dense scratch
@@ -229,6 +233,7 @@ class CSRRuntime:
         win = plan.window
         wk, wv = self.window.read(layer, win) if win.read_req.numel() else (None, None)
         pools = [self.outliers.get((layer, kind)) for kind in ("key", "value")]
+        entries = [p.entries() if p is not None and p.occupancy() else None for p in pools]
         for i in range(plan.num_decodes):
             t = int(plan.seq_lens[i])
             pos = torch.arange(t)
@@ -245,9 +250,9 @@ class CSRRuntime:
                 p = win.read_pos[sel]
                 ek[p], ev[p], mk[p], mv[p] = wk[sel], wv[sel], True, True
             order = phys.argsort()
-            for pool, dst, mask in zip(pools, (ek, ev), (mk, mv), strict=True):
-                if pool is not None and pool.occupancy():
-                    o_slots, o_heads, o_vec = pool.entries()
+            for entry, dst, mask in zip(entries, (ek, ev), (mk, mv), strict=True):
+                if entry is not None:
+                    o_slots, o_heads, o_vec = entry
                     at = torch.searchsorted(phys[order], o_slots).clamp_max(t - 1)
                     hit = phys[order][at] == o_slots
                     tok = order[at[hit]]
