@@ -22,7 +22,7 @@ from csr_vllm.engine.settings import CSRSettings
 from csr_vllm.engine.sparse_attention import sparse_decode_attention
 
 # Context length from which ``auto`` sends decode rows to the sparse read path. Measured with
-# benchmarks/read_paths.py (csr-2b, pre-RoPE keys, batch 4, this CPU): sparse took 1.3-1.9x the
+# benchmarks/read_paths.py (csr-2b, pre-RoPE keys, batch 4, this CPU): sparse took 1.6-2.7x the
 # reconstruct path's time at 512-8192 tokens, so ``auto`` never picks it here. With pre-RoPE
 # keys the score side cannot share a q.D table across tokens (see sparse_attention.py); the
 # crossover belongs to the fused kernels. Re-measure when either path changes.
