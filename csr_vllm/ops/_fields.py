@@ -1,0 +1,81 @@
+"""Device helpers shared by the kernels: bit fields of packed slots and coefficient formats.
+
+Slots are little-endian bit streams (:mod:`csr_vllm.codec.packing`); every field is at most
+16 bits, so it lies within 3 bytes of its first byte and is read as one 24-bit word.
+Coefficient formats are decoded with integer arithmetic (no fp8 dtype needed, so Triton's
+interpreter runs them too); fp8 is e4m3fn with torch's saturating conversion.
+"""
+
+from __future__ import annotations
+
+import triton.language as tl
+
+from csr_vllm.ops._triton import jit
+
+
+@jit
+def read_field(base, off, BITS: tl.constexpr, NBYTES: tl.constexpr, mask):
+    """Unsigned field of ``BITS`` bits at bit ``off`` of the byte rows at ``base`` (pointers
+    [R] to each row's first byte); bytes at or past ``NBYTES`` read as 0."""
+    byte = off // 8
+    b0 = tl.load(base + byte, mask=mask & (byte < NBYTES), other=0).to(tl.int32)
+    b1 = tl.load(base + byte + 1, mask=mask & (byte + 1 < NBYTES), other=0).to(tl.int32)
+    b2 = tl.load(base + byte + 2, mask=mask & (byte + 2 < NBYTES), other=0).to(tl.int32)
+    word = b0 | (b1 << 8) | (b2 << 16)
+    return (word >> (off % 8)) & ((1 << BITS) - 1)
+
+
+@jit
+def pack_field(acc, cols, off, val):
+    """OR the field ``val`` [R] (int32, already masked to its width) at bit ``off`` into the
+    byte accumulator ``acc`` [R, NB] (int32 bytes; ``cols`` = arange(NB))."""
+    byte = off // 8
+    word = val << (off % 8)
+    acc = acc | tl.where(cols[None, :] == byte, (word & 0xFF)[:, None], 0)
+    acc = acc | tl.where(cols[None, :] == byte + 1, ((word >> 8) & 0xFF)[:, None], 0)
+    acc = acc | tl.where(cols[None, :] == byte + 2, ((word >> 16) & 0xFF)[:, None], 0)
+    return acc
+
+
+@jit
+def pow2(e):
+    """2**e for integer e in the normal fp32 range, exact (built from the exponent bits)."""
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@jit
+def decode_coef(code, COEF_FMT: tl.constexpr):
+    """Stored code (int32) -> coefficient (fp32). COEF_FMT 0 = fp8 e4m3fn, 1 = fp16."""
+    if COEF_FMT == 0:
+        ex = (code >> 3) & 15
+        man = code & 7
+        mag = tl.where(ex == 0, man.to(tl.float32) * 0.001953125,
+                       (man + 8).to(tl.float32) * pow2(ex - 10))
+        return tl.where((code & 0x80) != 0, -mag, mag)
+    else:
+        return code.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@jit
+def quantize_coef(c, COEF_FMT: tl.constexpr):
+    """Coefficient (fp32) -> (stored code int32, the value it reads back as fp32).
+
+    fp8: round to nearest even in e4m3fn, saturating at 448 like torch's conversion."""
+    if COEF_FMT == 0:
+        bits = c.to(tl.int32, bitcast=True)
+        a = tl.abs(c)
+        e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, -6), 8)
+        y = a * pow2(3 - e)  # exact: a power-of-two scale
+        f = tl.floor(y)
+        d = y - f
+        fi = f.to(tl.int32)
+        up = (d > 0.5) | ((d == 0.5) & ((fi & 1) == 1))
+        mag = ((e + 7) << 3) + fi + up.to(tl.int32) - 8
+        mag = tl.minimum(mag, 126)
+        code = mag | (((bits >> 31) & 1) << 7)
+        return code, decode_coef(code, 0)
+    else:
+        h = c.to(tl.float16)
+        code = h.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        return code, h.to(tl.float32)

@@ -1,0 +1,70 @@
+"""The packed code layout of one tensor (K or V), as plain integers the kernels take.
+
+Mirrors :class:`csr_vllm.codec.config.TensorCodecConfig` and the bit stream of
+:mod:`csr_vllm.codec.packing` (fields LSB first: C*S coefficients, then C*S indices, zero
+padding) without importing the codec package, so kernels run where only torch and triton exist.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+COEF_FORMATS = {"fp8": 8, "fp16": 16}  # the formats the kernels implement (no per-vector scale)
+COEF_IDS = {"fp8": 0, "fp16": 1}
+
+
+@dataclass(frozen=True)
+class CodeFormat:
+    """One tensor's code: ``chunks`` x ``atoms_per_chunk`` (coefficient, index) fields."""
+
+    num_atoms: int
+    chunks: int
+    atoms_per_chunk: int
+    coef: str
+    pursuit: str = "omp"
+
+    def __post_init__(self) -> None:
+        if self.coef not in COEF_FORMATS:
+            raise NotImplementedError(
+                f"the Triton kernels implement coefficient formats {sorted(COEF_FORMATS)}; "
+                f"{self.coef!r} (a per-vector-scale integer format) runs on the CPU reference "
+                "path only")
+        if self.pursuit not in ("mp", "omp"):
+            raise ValueError(f"pursuit must be 'mp' or 'omp', got {self.pursuit!r}")
+        if self.num_atoms < 2 or self.chunks < 1 or self.atoms_per_chunk < 1:
+            raise ValueError(f"invalid code format {self}")
+
+    @classmethod
+    def of(cls, config) -> CodeFormat:
+        """From a :class:`~csr_vllm.codec.config.TensorCodecConfig` (duck-typed)."""
+        if getattr(config, "sampled_atoms", 0):
+            raise NotImplementedError("sampled (per-request) atoms are not in the Triton "
+                                      "kernels yet; use the CPU backend for dictionary adaptation")
+        return cls(config.num_atoms, config.chunks, config.atoms_per_chunk, config.coef,
+                   config.pursuit)
+
+    @property
+    def fields(self) -> int:
+        return self.chunks * self.atoms_per_chunk
+
+    @property
+    def coef_bits(self) -> int:
+        return COEF_FORMATS[self.coef]
+
+    @property
+    def coef_id(self) -> int:
+        return COEF_IDS[self.coef]
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.num_atoms)))
+
+    @property
+    def slot_bytes(self) -> int:
+        return math.ceil(self.fields * (self.coef_bits + self.index_bits) / 8)
+
+    @property
+    def index_offset(self) -> int:
+        """Bit offset of the first index field."""
+        return self.fields * self.coef_bits
