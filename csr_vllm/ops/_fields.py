@@ -17,12 +17,12 @@ from csr_vllm.ops._triton import jit
 def read_field(base, off, BITS: tl.constexpr, NBYTES: tl.constexpr, mask):
     """Unsigned field of ``BITS`` bits at bit ``off`` of the byte rows at ``base`` (pointers
     [R] to each row's first byte); bytes at or past ``NBYTES`` read as 0."""
-    byte = off // 8
+    byte = mask.to(tl.int32) * 0 + off // 8  # a tensor, so the masks below stay boolean tensors
     b0 = tl.load(base + byte, mask=mask & (byte < NBYTES), other=0).to(tl.int32)
     b1 = tl.load(base + byte + 1, mask=mask & (byte + 1 < NBYTES), other=0).to(tl.int32)
     b2 = tl.load(base + byte + 2, mask=mask & (byte + 2 < NBYTES), other=0).to(tl.int32)
     word = b0 | (b1 << 8) | (b2 << 16)
-    return (word >> (off % 8)) & ((1 << BITS) - 1)
+    return (word >> (byte * 0 + off % 8)) & ((1 << BITS) - 1)
 
 
 @jit
