@@ -44,6 +44,20 @@ class CodeFormat:
         return cls(config.num_atoms, config.chunks, config.atoms_per_chunk, config.coef,
                    config.pursuit)
 
+    def to_ints(self) -> list[int]:
+        """Flat form for custom-op schemas: [A, C, S, coef id, 1 = OMP]."""
+        return [self.num_atoms, self.chunks, self.atoms_per_chunk, COEF_IDS[self.coef],
+                int(self.pursuit == "omp")]
+
+    @classmethod
+    def from_ints(cls, v: list[int]) -> CodeFormat:
+        if len(v) != 5:
+            raise ValueError(f"a code format is 5 integers, got {v}")
+        coef = {i: name for name, i in COEF_IDS.items()}.get(int(v[3]))
+        if coef is None:
+            raise ValueError(f"unknown coefficient format id {v[3]}")
+        return cls(int(v[0]), int(v[1]), int(v[2]), coef, "omp" if v[4] else "mp")
+
     @property
     def fields(self) -> int:
         return self.chunks * self.atoms_per_chunk
