@@ -103,13 +103,24 @@ def _configure_backend(settings: CSRSettings) -> None:
     from vllm.config import get_current_vllm_config
 
     from csr_vllm.engine.backend import CSRAttentionBackend
+    from csr_vllm.engine.parallel import current_share, shard_for_worker
 
     vllm_config = get_current_vllm_config()
-    if vllm_config.parallel_config.tensor_parallel_size > 1 or \
-            vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise NotImplementedError("CSR with tensor/pipeline parallelism is not supported yet")
+    par = vllm_config.parallel_config
+    if getattr(par, "decode_context_parallel_size", 1) > 1 or \
+            getattr(par, "prefill_context_parallel_size", 1) > 1:
+        raise NotImplementedError("CSR with context parallelism (KV split over tokens) is not "
+                                  "supported; tensor and pipeline parallelism are")
     dicts = load_dictionaries(settings, vllm_config.model_config.hf_config,
                               vllm_config.model_config.model)
+    # Tensor/pipeline parallel: keep only this worker's layers and KV heads (the full set is
+    # freed here); the runtime and the Guard are sized from the shard.
+    share = current_share(dicts.shape.num_layers, dicts.shape.num_kv_heads)
+    dicts = shard_for_worker(dicts, share)
+    logger.info("CSR worker tp %d/%d pp %d/%d: layers %d-%d, KV heads %d-%d, dictionaries "
+                "%.1f MiB", share.tp_rank, share.tp_size, share.pp_rank, share.pp_size,
+                share.layers[0], share.layers[1] - 1, share.kv_heads[0], share.kv_heads[1] - 1,
+                dicts.nbytes / 2**20)
     CSRAttentionBackend.configure(dicts, settings)
 
 

@@ -87,10 +87,22 @@ class DictionarySet:
     key_atoms: Tensor
     value_atoms: Tensor
     info: dict = field(default_factory=dict)
+    # A shard (see :meth:`shard`): the global layers [start, end) and KV heads [start, end)
+    # this set serves; None = all of the model's.
+    layer_range: tuple[int, int] | None = None
+    head_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        groups = -(-self.shape.num_layers // self.config.layer_group)
-        heads = self.shape.num_kv_heads if self.config.per_head else 1
+        lo, hi = self.layers.start, self.layers.stop
+        if not 0 <= lo < hi <= self.shape.num_layers:
+            raise DictionaryError(f"layer range [{lo}, {hi}) outside the model's "
+                                  f"{self.shape.num_layers} layers")
+        h0, h1 = self.head_range or (0, self.shape.num_kv_heads)
+        if not 0 <= h0 < h1 <= self.shape.num_kv_heads:
+            raise DictionaryError(f"KV head range [{h0}, {h1}) outside the model's "
+                                  f"{self.shape.num_kv_heads} KV heads")
+        groups = self._first_group_past(hi) - self.group_offset
+        heads = self.kv_heads if self.config.per_head else 1
         for kind, atoms, tcfg in (
             ("key", self.key_atoms, self.config.key),
             ("value", self.value_atoms, self.config.value),
@@ -103,15 +115,72 @@ class DictionarySet:
                     f"head_dim {self.shape.head_dim} and the codec settings"
                 )
 
+    @property
+    def layers(self) -> range:
+        """Global indices of the layers this set serves (all, unless it is a shard)."""
+        return range(*(self.layer_range or (0, self.shape.num_layers)))
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads this set serves (the model's, or a tensor-parallel rank's share)."""
+        h0, h1 = self.head_range or (0, self.shape.num_kv_heads)
+        return h1 - h0
+
+    @property
+    def group_offset(self) -> int:
+        """Index of the first held layer group among the model's groups."""
+        return self.layers.start // self.config.layer_group
+
+    def _first_group_past(self, end: int) -> int:
+        return -(-end // self.config.layer_group)
+
     def group_of(self, layer: int) -> int:
-        return layer // self.config.layer_group
+        """Row of ``key_atoms`` / ``value_atoms`` that serves global ``layer``."""
+        if layer not in self.layers:
+            raise DictionaryError(f"layer {layer} is not in this dictionary shard (layers "
+                                  f"{self.layers.start}-{self.layers.stop - 1})")
+        return layer // self.config.layer_group - self.group_offset
 
     def codec(self, kind: str, layer: int, head: int = 0) -> TensorCodec:
-        """The codec for ``kind`` ('key' or 'value') of ``layer`` / KV ``head``."""
+        """The codec for ``kind`` ('key' or 'value') of global ``layer`` and KV ``head``, the
+        head counted within this set (a tensor-parallel rank numbers its heads from 0)."""
         atoms = self.key_atoms if kind == "key" else self.value_atoms
         tcfg = self.config.key if kind == "key" else self.config.value
+        if not 0 <= head < self.kv_heads:
+            raise DictionaryError(f"KV head {head} is not in this set ({self.kv_heads} heads)")
         h = head if self.config.per_head else 0
         return TensorCodec(tcfg, atoms[self.group_of(layer), h])
+
+    def shard(self, layers: tuple[int, int] | None = None,
+              heads: tuple[int, int] | None = None) -> DictionarySet:
+        """The part of this set that global layers ``[start, end)`` and KV heads
+        ``[start, end)`` need (a pipeline stage's layers, a tensor-parallel rank's heads).
+
+        Keeps the layer groups that overlap the layers and, with per-head dictionaries, the
+        heads' own dictionaries; shared (per-layer) dictionaries serve every head, so a rank
+        keeps them whole. The atoms are copied, so the full set can be freed.
+        """
+        layers = layers or (self.layers.start, self.layers.stop)
+        h_all = self.head_range or (0, self.shape.num_kv_heads)
+        heads = heads or h_all
+        if not (self.layers.start <= layers[0] < layers[1] <= self.layers.stop):
+            raise DictionaryError(f"cannot shard layers {layers} out of a set holding "
+                                  f"{self.layers.start}-{self.layers.stop - 1}")
+        if not (h_all[0] <= heads[0] < heads[1] <= h_all[1]):
+            raise DictionaryError(f"cannot shard KV heads {heads} out of a set holding "
+                                  f"{h_all[0]}-{h_all[1] - 1}")
+        if tuple(layers) == (self.layers.start, self.layers.stop) and tuple(heads) == h_all:
+            return self
+        g0 = layers[0] // self.config.layer_group - self.group_offset
+        g1 = self._first_group_past(layers[1]) - self.group_offset
+        hs = slice(heads[0] - h_all[0], heads[1] - h_all[0]) if self.config.per_head \
+            else slice(None)
+        key, value = (a[g0:g1, hs].clone() for a in (self.key_atoms, self.value_atoms))
+        whole_layers = tuple(layers) == (0, self.shape.num_layers)
+        whole_heads = tuple(heads) == (0, self.shape.num_kv_heads)
+        return DictionarySet(self.config, self.shape, key, value, self.info,
+                             None if whole_layers else tuple(layers),
+                             None if whole_heads else tuple(heads))
 
     def with_codec(self, config: CodecConfig) -> DictionarySet:
         """The same atoms coded with another setting (e.g. a preset's atoms per vector).
@@ -135,7 +204,8 @@ class DictionarySet:
         ]
         if diffs:
             raise DictionaryError("dictionary does not fit this codec setting: " + "; ".join(diffs))
-        return DictionarySet(config, self.shape, self.key_atoms, self.value_atoms, self.info)
+        return DictionarySet(config, self.shape, self.key_atoms, self.value_atoms, self.info,
+                             self.layer_range, self.head_range)
 
     @property
     def nbytes(self) -> int:
@@ -144,6 +214,8 @@ class DictionarySet:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
+        if self.layer_range is not None or self.head_range is not None:
+            raise DictionaryError("a dictionary shard cannot be saved; save the full set")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"key.atoms": self.key_atoms.float().contiguous(),

@@ -169,7 +169,7 @@ def _outlier_reserved(dicts: DictionarySet, settings: CSRSettings, dtype: torch.
     if not settings.outlier_threshold:
         return 0
     per_pool = OutlierGuard.bytes_for(settings.outlier_capacity, dicts.shape.head_dim, dtype)
-    return 2 * dicts.shape.num_layers * per_pool
+    return 2 * len(dicts.layers) * per_pool  # this worker's layers (pipeline stage)
 
 
 class CSRAttentionImpl(CPUAttentionBackendImpl):

@@ -47,12 +47,12 @@ class LayerCodec:
     def __init__(self, dicts: DictionarySet, layer: int) -> None:
         shape = dicts.shape
         self.layout = SlotLayout.of(dicts)
-        self.num_heads = shape.num_kv_heads
+        self.num_heads = dicts.kv_heads  # this worker's share under tensor parallelism
         self.head_dim = shape.head_dim
         self.rope_theta = shape.rope_theta
         self.pre_rope = dicts.config.key_rope == "pre"
         # One codec per head when dictionaries are per head, else one shared by all heads.
-        heads = range(shape.num_kv_heads) if dicts.config.per_head else range(1)
+        heads = range(dicts.kv_heads) if dicts.config.per_head else range(1)
         self.keys = [dicts.codec("key", layer, h) for h in heads]
         self.values = [dicts.codec("value", layer, h) for h in heads]
 

@@ -94,9 +94,11 @@ class CSRRuntime:
         self.dicts, self.settings = dicts, settings
         self.block_size, self.dtype = block_size, dtype
         self.layout = SlotLayout.of(dicts)
-        self.codecs = [LayerCodec(dicts, layer) for layer in range(shape.num_layers)]
+        # Sized for what this worker serves: a pipeline stage's layers (global indices, as
+        # vLLM's layer names carry them), a tensor-parallel rank's KV heads (dicts.kv_heads).
+        self.codecs = {layer: LayerCodec(dicts, layer) for layer in dicts.layers}
         self.window = WindowGuard(settings.guard_window, block_size, settings.guard_max_seqs,
-                                  shape.num_kv_heads, shape.head_dim, dtype)
+                                  dicts.kv_heads, shape.head_dim, dtype)
         self.outliers: dict[tuple[int, str], OutlierGuard] = {}
         self.stats = RuntimeStats()
 
@@ -157,7 +159,7 @@ class CSRRuntime:
         if key not in self.outliers:
             shape = self.dicts.shape
             self.outliers[key] = OutlierGuard(self.settings.outlier_capacity, shape.head_dim,
-                                              shape.num_kv_heads, self.dtype)
+                                              self.dicts.kv_heads, self.dtype)
         return self.outliers[key]
 
     def write(self, layer: int, plan: StepPlan, key: Tensor, value: Tensor, kv_cache: Tensor,
@@ -229,7 +231,7 @@ class CSRRuntime:
         bs, codec = self.block_size, self.codecs[layer]
         kc, vc = codec.keys[0], codec.values[0]
         kb = self.layout.key_bytes
-        h, d = self.dicts.shape.num_kv_heads, self.dicts.shape.head_dim
+        h, d = self.dicts.kv_heads, self.dicts.shape.head_dim
         win = plan.window
         wk, wv = self.window.read(layer, win) if win.read_req.numel() else (None, None)
         pools = [self.outliers.get((layer, kind)) for kind in ("key", "value")]
@@ -277,9 +279,8 @@ class CSRRuntime:
     # -- accounting --------------------------------------------------------------------------
     def side_bytes(self) -> dict[str, int]:
         """Memory held outside vLLM's KV pool, by kind."""
-        shape = self.dicts.shape
         return {
             "dictionaries": self.dicts.nbytes,
-            "window_guard": self.window.reserved_bytes(shape.num_layers),
+            "window_guard": self.window.reserved_bytes(len(self.dicts.layers)),
             "outlier_guard": sum(p.nbytes for p in self.outliers.values()),
         }

@@ -20,13 +20,16 @@ def worker_stats(worker: Any = None) -> dict:
         shape = rt.dicts.shape
         side = rt.side_bytes()
         st = rt.stats
+        local = rt.dicts.kv_heads * len(rt.dicts.layers)
         out = {
             "active": True,
             "bits_per_channel": rt.dicts.config.bits_per_channel(shape.head_dim),
             "slot_bytes": rt.layout.slot_bytes,
             "dense_slot_bytes": 4 * shape.head_dim,  # bf16 K + V
-            "kv_bytes_per_token": rt.layout.slot_bytes * shape.num_kv_heads * shape.num_layers,
-            "dense_bytes_per_token": 4 * shape.head_dim * shape.num_kv_heads * shape.num_layers,
+            # This worker's share (its KV heads x its layers): sum over workers for the model.
+            "kv_bytes_per_token": rt.layout.slot_bytes * local,
+            "dense_bytes_per_token": 4 * shape.head_dim * local,
+            **_parallel_share(rt.dicts),
             "side_bytes": side,
             "window_guard_blocks": rt.window.occupancy(),
             "window_guard_bytes_allocated": rt.window.nbytes,
@@ -42,6 +45,19 @@ def worker_stats(worker: Any = None) -> dict:
             "reconstruction_rel_error_mean": st.rel_error_sum / max(st.rel_error_count, 1),
         }
     return out
+
+
+def _parallel_share(dicts: Any) -> dict[str, Any]:
+    """Which worker this is and what it serves (tensor/pipeline parallel ranks, global layer
+    and KV head ranges, half-open) and the dictionary bytes it holds."""
+    from csr_vllm.engine.parallel import current_share
+
+    share = current_share(dicts.shape.num_layers, dicts.shape.num_kv_heads)
+    return {"tp_rank": share.tp_rank, "tp_size": share.tp_size, "pp_rank": share.pp_rank,
+            "pp_size": share.pp_size, "layers": [dicts.layers.start, dicts.layers.stop],
+            "kv_heads": dicts.kv_heads, "kv_head_range": list(dicts.head_range or
+                                                             (0, dicts.shape.num_kv_heads)),
+            "dictionary_bytes": dicts.nbytes}
 
 
 class CSRWorkerExtension:

@@ -75,6 +75,8 @@ def main() -> None:
                              if m.name == "vllm:num_preemptions")
     csr_on = spec.get("csr") is not None
     out["csr"] = llm.collective_rpc("csr_stats")[0] if csr_on else {"active": False}
+    # One dict per worker (tensor/pipeline parallel: each names its ranks and its share).
+    out["csr_workers"] = llm.collective_rpc("csr_stats") if csr_on else []
     out["plugins"] = os.environ.get("VLLM_PLUGINS")
     if spec.get("logprob_prompts"):
         lp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
