@@ -30,7 +30,7 @@ from csr_vllm.ops._fields import pack_field, quantize_coef
 from csr_vllm.ops._triton import INTERPRET, check_device, jit, next_pow2
 from csr_vllm.ops.code_format import CodeFormat
 
-EPS = 1e-12
+EPS = tl.constexpr(1e-12)  # a constexpr: compiled kernels cannot read plain globals
 
 
 @jit
