@@ -205,7 +205,8 @@ def _decode_case(seed, coef, kcs, vcs, rope, seq_lens, n_tail, h, g, d, a, bs, s
 @pytest.mark.parametrize("coef, kcs, vcs, rope", DECODE_CASES)
 def test_sparse_decode_matches_reference(seed, coef, kcs, vcs, rope):
     # Ragged: a long sequence over several splits, one whose tail is all of it, one with none.
-    _decode_case(seed, coef, kcs, vcs, rope, seq_lens=[29, 5, 13], n_tail=[4, 5, 0], h=2, g=2,
+    # g = 3 query heads per KV head: the kernel pads them to 4 and masks the padding.
+    _decode_case(seed, coef, kcs, vcs, rope, seq_lens=[29, 5, 13], n_tail=[4, 5, 0], h=2, g=3,
                  d=32, a=64, bs=4, split=8)
 
 
@@ -273,3 +274,71 @@ def test_custom_ops_fake_impls_and_schema(seed):
         fake = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in dec_args]
         res = torch.ops.csr.sparse_decode(*fake)
     assert res.shape == q.shape and res.dtype == torch.float32
+
+
+def test_cuda_backend_write_and_decode_glue(seed):
+    """The CUDA backend's write and decode paths (positions -> RoPE rows, the in-flight token
+    as exact tail, output rows) on the kernels, against the reference. Runs vLLM's Triton
+    impl class on CPU tensors: its prefill path (vLLM's unified_attention) is not covered."""
+    from unittest import mock
+
+    from csr_vllm.codec.codec import TensorCodec
+    from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
+    from csr_vllm.codec.dictionary import DictionarySet, ModelShape
+    from csr_vllm.engine import cuda_backend as cb
+    from csr_vllm.engine.settings import CSRSettings
+    from csr_vllm.ops.reference import sparse_decode_reference
+
+    h, g, d, a, bs, layers = 2, 2, 32, 64, 4, 2
+    cfg = CodecConfig(key=TensorCodecConfig(a, 1, 3, "fp8"), value=TensorCodecConfig(a, 1, 2, "fp8"),
+                      key_rope="pre")
+    shape = ModelShape("LlamaForCausalLM", layers, h, d, THETA)
+    atoms = [torch.nn.functional.normalize(torch.randn(layers, 1, 1, a, d), dim=-1)
+             for _ in range(2)]
+    dicts = DictionarySet(cfg, shape, *atoms, {})
+    cb.CSRCudaBackend.configure(dicts, CSRSettings(guard_window=0))
+    impl = object.__new__(cb.CSRCudaImpl)
+    impl.num_heads, impl.head_size, impl.scale = h * g, d, d ** -0.5
+    impl.state = cb.DeviceState(dicts, torch.device(DEV), 64, bs, torch.float32)
+    layer = type("Layer", (), {"layer_name": "model.layers.1.self_attn.attn"})()
+    seq_lens = torch.tensor([9, 14])
+    table = torch.randperm(12, device=DEV)[:8].reshape(2, 4).int()
+    slot = lambda r, p: int(table[r, p // bs]) * bs + p % bs  # noqa: E731
+    cache = torch.randint(0, 256, (12, h, bs, cfg.slot_bytes()), dtype=torch.uint8, device=DEV)
+    # History: every token but the last of each sequence, written through the backend.
+    hist = [(r, p) for r in range(2) for p in range(int(seq_lens[r]) - 1)]
+    meta = types_meta(len(hist), torch.tensor([p for _, p in hist], device=DEV))
+    hk, hv = torch.randn(len(hist), h, d, device=DEV), torch.randn(len(hist), h, d, device=DEV)
+    slots = torch.tensor([slot(r, p) for r, p in hist], device=DEV)
+    with mock.patch.object(cb, "_metadata_of", lambda _layer: meta):
+        impl.do_kv_cache_update(layer, hk, hv, cache, slots)
+    # Decode step: one new token per sequence.
+    q = torch.randn(2, h * g, d, device=DEV)
+    nk, nv = torch.randn(2, h, d, device=DEV), torch.randn(2, h, d, device=DEV)
+    meta = types_meta(2, (seq_lens - 1).to(DEV), num_decodes=2, block_table=table,
+                      seq_lens=seq_lens.to(DEV), seq_lens_cpu=seq_lens,
+                      qsl_cpu=torch.tensor([0, 1, 2]))
+    new_slots = torch.tensor([slot(r, int(seq_lens[r]) - 1) for r in range(2)], device=DEV)
+    out = torch.full((2, h * g * d), float("nan"), device=DEV)
+    with mock.patch.object(cb, "_metadata_of", lambda _layer: meta):
+        impl.do_kv_cache_update(layer, nk, nv, cache, new_slots)
+        impl.forward(layer, q, nk, nv, cache, meta, out)
+    codecs = [TensorCodec(cfg.key, atoms[0][1, 0]), TensorCodec(cfg.value, atoms[1][1, 0])]
+    args = (q.cpu(), cache.cpu(), table.cpu(), seq_lens, torch.ones(2, dtype=torch.long),
+            nk.cpu()[:, None], nv.cpu()[:, None], *codecs, d ** -0.5, True, THETA)
+    ref64 = sparse_decode_reference(*args, dtype=torch.float64)
+    ref32 = sparse_decode_reference(*args, dtype=torch.float32)
+    err = (out.cpu().double().reshape(ref64.shape) - ref64).abs().max().item()
+    ref_err = (ref32.double() - ref64).abs().max().item()
+    assert err <= 2 * ref_err, f"seed {seed}: {err:.3g} vs {ref_err:.3g}"
+
+
+def types_meta(n, positions, num_decodes=0, block_table=None, seq_lens=None, seq_lens_cpu=None,
+               qsl_cpu=None):
+    """The fields of CSRCudaMetadata the write and decode paths read."""
+    import types
+
+    return types.SimpleNamespace(num_actual_tokens=n, csr_positions=positions,
+                                 csr_num_decodes=num_decodes, block_table=block_table,
+                                 seq_lens=seq_lens, csr_seq_lens_cpu=seq_lens_cpu,
+                                 csr_query_start_loc_cpu=qsl_cpu)

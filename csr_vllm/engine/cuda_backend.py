@@ -48,6 +48,7 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 from vllm.v1.kv_cache_interface import AttentionSpec
 
+import csr_vllm.ops.library  # noqa: F401  (registers torch.ops.csr.*)
 from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.page_layout import SlotLayout
 from csr_vllm.engine.settings import CSRSettings
@@ -227,8 +228,6 @@ class CSRCudaImpl(TritonAttentionImpl):
         super().__init__(num_heads, head_size, scale, num_kv_heads, alibi_slopes,
                          sliding_window, kv_cache_dtype, logits_soft_cap, attn_type,
                          kv_sharing_target_layer_name, sinks, **kwargs)
-        import csr_vllm.ops.library  # noqa: F401  (registers torch.ops.csr.*)
-
         dicts, settings = CSRCudaBackend.dicts, CSRCudaBackend.settings
         if dicts is None:
             raise RuntimeError("CSR CUDA backend used before csr_vllm.plugin configured it")
