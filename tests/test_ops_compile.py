@@ -60,7 +60,7 @@ def test_sparse_decode_kernel_compiles_for_sm90(pre_rope, accumulate):
               "rcos_ptr": "*fp32", "rsin_ptr": "*fp32", "cache_ptr": "*u8", "bt_ptr": "*i32",
               "coded_ptr": "*i32", "ntail_ptr": "*i32", "tk_ptr": "*bf16", "tv_ptr": "*bf16",
               "max_ptr": "*fp32", "sum_ptr": "*fp32", "bins_ptr": "*fp32", "accx_ptr": "*fp32"},
-             dict(NSP_P2=64, BS=16, SPLIT_BLOCKS=128, G=4, G_P2=4, D=128, CK=1, SK=12, DCK=128,
+             dict(NSP_P2=64, BS=16, G=4, G_P2=4, D=128, CK=1, SK=12, DCK=128,
                   CV=1, SV=12, KFMT=0, VFMT=0, PRE_ROPE=pre_rope, ACCUMULATE=accumulate,
                   TAIL_BLOCK=16, **COMMON))
 

@@ -175,7 +175,7 @@ def _paged_codes(seed, kcod, vcod, seq_lens, h, d, bs, rope, extra_blocks=3):
 def _decode_case(seed, coef, kcs, vcs, rope, seq_lens, n_tail, h, g, d, a, bs, split):
     from csr_vllm.ops.encode import rope_rows
     from csr_vllm.ops.reference import sparse_decode_reference
-    from csr_vllm.ops.sparse_decode import sparse_decode_attention
+    from csr_vllm.ops.sparse_decode import sparse_decode_attention, workspace_floats
 
     kcod, vcod = _codecs(a, d, *kcs, *vcs, coef, "omp")
     kf, vf = _fmts(kcod, vcod)
@@ -189,9 +189,17 @@ def _decode_case(seed, coef, kcs, vcs, rope, seq_lens, n_tail, h, g, d, a, bs, s
     scale = d ** -0.5
     tables = rope_rows(torch.arange(int(seq_lens.max()), device=DEV), d, THETA) \
         if rope == "pre" else (None, None)
+    # A caller-reserved workspace, poisoned: every temporary must be written before it is read.
+    nsp = -(-int(seq_lens.max()) // split) + 1
+    need = workspace_floats(b, h * g, h, d, kf, vf, nsp, rope == "pre")
+    workspace = torch.full((need + 7,), float("nan"), device=DEV)
+    with pytest.raises(ValueError, match="workspace"):
+        sparse_decode_attention(q, cache, table, seq_lens.to(DEV), n_tail.to(DEV), tail_k,
+                                tail_v, kcod.atoms, vcod.atoms, kf, vf, scale, *tables,
+                                split_tokens=split, workspace=workspace[: need - 1])
     out = sparse_decode_attention(q, cache, table, seq_lens.to(DEV), n_tail.to(DEV), tail_k,
                                   tail_v, kcod.atoms, vcod.atoms, kf, vf, scale, *tables,
-                                  split_tokens=split)
+                                  split_tokens=split, workspace=workspace)
     args = (q.cpu(), cache.cpu(), table.cpu(), seq_lens, n_tail, tail_k.cpu(), tail_v.cpu(),
             _cpu_codec(kcod), _cpu_codec(vcod), scale, rope == "pre", THETA)
     ref64 = sparse_decode_reference(*args, dtype=torch.float64)
@@ -259,10 +267,10 @@ def test_custom_ops_fake_impls_and_schema(seed):
     q = torch.randn(2, h * g, d, device=DEV)
     tail = torch.randn(2, 2, h, d, device=DEV)
     dec_args = (q, cache, table, seq_lens.to(DEV), torch.tensor([1, 2], device=DEV), tail, tail,
-                kcod.atoms, vcod.atoms, kf.to_ints(), vf.to_ints(), 0.25, None, None, 0, 0)
+                kcod.atoms, vcod.atoms, kf.to_ints(), vf.to_ints(), 0.25, None, None, 0, 0, None)
     enc_args = (torch.randn(3, h, d, device=DEV), torch.randn(3, h, d, device=DEV),
                 torch.tensor([0, 5, -1], device=DEV), cache.clone(), kcod.atoms, vcod.atoms,
-                kf.to_ints(), vf.to_ints(), None, None)
+                kf.to_ints(), vf.to_ints(), None, None, None)
     out = torch.empty(1, bs, h, d, device=DEV)
     pages_args = (cache, table[0, :1].contiguous(), kcod.atoms, vcod.atoms, kf.to_ints(),
                   vf.to_ints(), out, out.clone(), None, None, None)
@@ -299,7 +307,7 @@ def test_cuda_backend_write_and_decode_glue(seed):
     cb.CSRCudaBackend.configure(dicts, CSRSettings(guard_window=0))
     impl = object.__new__(cb.CSRCudaImpl)
     impl.num_heads, impl.head_size, impl.scale = h * g, d, d ** -0.5
-    impl.state = cb.DeviceState(dicts, torch.device(DEV), 64, bs, torch.float32)
+    impl.state = cb.DeviceState(dicts, torch.device(DEV), 64, bs, torch.float32, h * g)
     layer = type("Layer", (), {"layer_name": "model.layers.1.self_attn.attn"})()
     seq_lens = torch.tensor([9, 14])
     table = torch.randperm(12, device=DEV)[:8].reshape(2, 4).int()

@@ -118,17 +118,23 @@ class CSRCudaBackend(TritonAttentionBackend):
         return CSRCudaMetadataBuilder
 
 
+DECODE_CHUNK = 64  # decode rows per sparse-decode launch (bounds its reserved workspace)
+
+
 class DeviceState:
     """Per-process device copies of what every layer reads: dictionaries (float32), code
-    formats, RoPE tables and the reconstruct scratch. Built once, on the first layer."""
+    formats, RoPE tables, the reconstruct scratch and the kernels' workspaces. Built once, on
+    the first layer, so all of it exists before vLLM profiles memory."""
 
     _instance: ClassVar[DeviceState | None] = None
 
     def __init__(self, dicts: DictionarySet, device: torch.device, max_model_len: int,
-                 block_size: int, dtype: torch.dtype) -> None:
+                 block_size: int, dtype: torch.dtype, q_heads: int) -> None:
+        from csr_vllm.ops import encode, sparse_decode
         from csr_vllm.ops.encode import rope_rows
 
         shape = dicts.shape
+        h, d = shape.num_kv_heads, shape.head_dim
         self.key_fmt = CodeFormat.of(dicts.config.key)
         self.value_fmt = CodeFormat.of(dicts.config.value)
         self.key_atoms = [dicts.codec("key", i, 0).atoms.to(device, torch.float32).contiguous()
@@ -139,26 +145,36 @@ class DeviceState:
         self.rope_cos = self.rope_sin = None
         if self.pre_rope:
             self.rope_cos, self.rope_sin = rope_rows(torch.arange(max_model_len, device=device),
-                                                     shape.head_dim, shape.rope_theta)
+                                                     d, shape.rope_theta)
         blocks = -(-max_model_len // block_size)
-        h, d = shape.num_kv_heads, shape.head_dim
         self.scratch_k = torch.empty(blocks, block_size, h, d, dtype=dtype, device=device)
         self.scratch_v = torch.empty_like(self.scratch_k)
         self.block_size = block_size
+        sms = torch.cuda.get_device_properties(device).multi_processor_count \
+            if device.type == "cuda" else 4
+        widest = max((self.key_fmt, self.value_fmt),
+                     key=lambda f: f.atoms_per_chunk * (d // f.chunks))
+        self.encode_ws = torch.empty(encode.workspace_floats(4 * sms, widest, d),
+                                     dtype=torch.float32, device=device)
+        splits = -(-max_model_len // (sparse_decode.MIN_SPLIT_BLOCKS * block_size)) + 1
+        self.decode_ws = torch.empty(sparse_decode.workspace_floats(
+            DECODE_CHUNK, q_heads, h, d, self.key_fmt, self.value_fmt, splits, self.pre_rope),
+            dtype=torch.float32, device=device)
 
     def nbytes(self) -> int:
-        tensors = [*self.key_atoms, *self.value_atoms, self.scratch_k, self.scratch_v]
+        tensors = [*self.key_atoms, *self.value_atoms, self.scratch_k, self.scratch_v,
+                   self.encode_ws, self.decode_ws]
         tensors += [t for t in (self.rope_cos, self.rope_sin) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @classmethod
     def get(cls, dicts: DictionarySet, device: torch.device, max_model_len: int,
-            block_size: int, dtype: torch.dtype) -> DeviceState:
+            block_size: int, dtype: torch.dtype, q_heads: int) -> DeviceState:
         if cls._instance is None:
-            cls._instance = cls(dicts, device, max_model_len, block_size, dtype)
+            cls._instance = cls(dicts, device, max_model_len, block_size, dtype, q_heads)
             logger.info("CSR on CUDA: %.1f MiB reserved outside the KV pool (dictionaries, RoPE "
-                        "tables, reconstruct scratch for one %d-token request)",
-                        cls._instance.nbytes() / 2**20, max_model_len)
+                        "tables, reconstruct scratch for one %d-token request, kernel "
+                        "workspaces)", cls._instance.nbytes() / 2**20, max_model_len)
         return cls._instance
 
 
@@ -239,7 +255,7 @@ class CSRCudaImpl(TritonAttentionImpl):
         # Reserved here, while the model is built: before vLLM profiles memory.
         self.state = DeviceState.get(dicts, torch.device("cuda", torch.cuda.current_device()),
                                      cfg.model_config.max_model_len, cfg.cache_config.block_size,
-                                     cfg.model_config.dtype)
+                                     cfg.model_config.dtype, num_heads)
 
     def _layer(self, layer: torch.nn.Module) -> int:
         idx = getattr(layer, "_csr_layer_index", None)
@@ -259,7 +275,7 @@ class CSRCudaImpl(TritonAttentionImpl):
             cos, sin = st.rope_cos[pos].contiguous(), st.rope_sin[pos].contiguous()
         torch.ops.csr.encode_store(key[:n], value[:n], slot_mapping[:n], kv_cache,
                                    st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
-                                   st.value_fmt.to_ints(), cos, sin)
+                                   st.value_fmt.to_ints(), cos, sin, st.encode_ws)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -274,15 +290,16 @@ class CSRCudaImpl(TritonAttentionImpl):
             nd = 0
         hq, d = self.num_heads, self.head_size
         out3 = output.view(output.shape[0], hq, d)
-        if nd:
-            tail = key[:nd, None]  # the in-flight token of each decode row, exact
+        for r0 in range(0, nd, DECODE_CHUNK):  # decode rows, sparse domain
+            r1 = min(nd, r0 + DECODE_CHUNK)
             res = torch.ops.csr.sparse_decode(
-                query[:nd], kv_cache, meta.block_table[:nd], meta.seq_lens[:nd],
-                torch.ones(nd, dtype=torch.int32, device=query.device), tail,
-                value[:nd, None], st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
+                query[r0:r1], kv_cache, meta.block_table[r0:r1], meta.seq_lens[r0:r1],
+                torch.ones(r1 - r0, dtype=torch.int32, device=query.device),
+                key[r0:r1, None], value[r0:r1, None],  # the in-flight tokens, exact
+                st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
                 st.value_fmt.to_ints(), self.scale, st.rope_cos, st.rope_sin,
-                int(meta.csr_seq_lens_cpu[:nd].max()), 0)
-            out3[:nd] = res.to(output.dtype)
+                int(meta.csr_seq_lens_cpu[r0:r1].max()), 0, st.decode_ws)
+            out3[r0:r1] = res.to(output.dtype)
         qsl, seqs = meta.csr_query_start_loc_cpu, meta.csr_seq_lens_cpu
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
 

@@ -169,7 +169,7 @@ def encode_store(
     key_atoms: torch.Tensor, value_atoms: torch.Tensor, key_fmt: CodeFormat,
     value_fmt: CodeFormat, rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None, block_m: int = 16, block_a: int | None = None,
-    num_programs: int | None = None,
+    num_programs: int | None = None, workspace: torch.Tensor | None = None,
 ) -> None:
     """Encode ``key``/``value`` [N, H, D] and write their packed slots into ``kv_cache``.
 
@@ -183,6 +183,8 @@ def encode_store(
         key_fmt, value_fmt: the code layouts (:class:`CodeFormat`).
         rope_cos, rope_sin: float32 [N, D] per-token tables when keys are coded before RoPE
             (:func:`rope_rows`), else None.
+        workspace: float32 scratch of the OMP basis (reserved by the caller); None = allocate.
+            Its size bounds the programs: :func:`workspace_floats` per program.
     """
     n, h, d = key.shape
     check_device(key, value, slot_mapping, kv_cache, key_atoms, value_atoms)
@@ -222,8 +224,15 @@ def encode_store(
         else:
             progs = min(tiles, num_programs)
         dc = d // fmt.chunks
-        work = torch.empty(progs * fmt.atoms_per_chunk * block_m * dc, dtype=torch.float32,
-                           device=x.device)
+        per_prog = workspace_floats(1, fmt, d, block_m)
+        if workspace is None:
+            work = torch.empty(progs * per_prog, dtype=torch.float32, device=x.device)
+        else:
+            if workspace.dtype != torch.float32 or workspace.numel() < per_prog or \
+                    workspace.device != x.device:
+                raise ValueError(f"workspace must be float32 with >= {per_prog} elements")
+            progs = min(progs, workspace.numel() // per_prog)
+            work = workspace
         ba = block_a or min(next_pow2(fmt.num_atoms), 1024 if INTERPRET else 64)
         _encode_kernel[(progs,)](
             x, x.stride(0), x.stride(1),
@@ -246,3 +255,9 @@ def rope_rows(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[tor
     f = positions.to(torch.float64)[:, None] * inv[None, :]
     emb = torch.cat([f, f], dim=-1)
     return emb.cos().float().contiguous(), emb.sin().float().contiguous()
+
+
+def workspace_floats(num_programs: int, fmt: CodeFormat, head_dim: int, block_m: int = 16) -> int:
+    """float32 elements of the encode kernel's scratch for ``num_programs`` programs (the
+    orthonormal basis of the chosen atoms: S x block_m x Dc each)."""
+    return num_programs * fmt.atoms_per_chunk * block_m * (head_dim // fmt.chunks)

@@ -43,8 +43,8 @@ def _sparse_decode_kernel(
     cache_ptr, scb, sch, sct, bt_ptr, sbt, coded_ptr, ntail_ptr,
     tk_ptr, tv_ptr, stb, stw, sth,
     max_ptr, sum_ptr, bins_ptr, accx_ptr,
-    H, A, NSP,
-    NSP_P2: tl.constexpr, BS: tl.constexpr, SPLIT_BLOCKS: tl.constexpr,
+    H, A, NSP, SPLIT_BLOCKS,
+    NSP_P2: tl.constexpr, BS: tl.constexpr,
     G: tl.constexpr, G_P2: tl.constexpr, D: tl.constexpr,
     CK: tl.constexpr, SK: tl.constexpr, DCK: tl.constexpr, CV: tl.constexpr, SV: tl.constexpr,
     KBYTES: tl.constexpr, VBYTES: tl.constexpr, KCB: tl.constexpr, KIB: tl.constexpr,
@@ -158,7 +158,7 @@ def sparse_decode_attention(
     key_atoms: torch.Tensor, value_atoms: torch.Tensor, key_fmt: CodeFormat,
     value_fmt: CodeFormat, scale: float, rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None, max_seq_len: int | None = None,
-    split_tokens: int | None = None,
+    split_tokens: int | None = None, workspace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode query per sequence over its paged CSR codes plus an exact tail.
 
@@ -174,7 +174,10 @@ def sparse_decode_attention(
         rope_cos, rope_sin: float32 [P, D] tables by position (P >= every seq_len) when keys
             are coded before RoPE, else None.
         max_seq_len: an upper bound of seq_lens (avoids a device sync when given).
-        split_tokens: tokens per split-K program (a multiple of the block size).
+        split_tokens: tokens per split-K program (a multiple of the block size); default
+            :func:`default_split_tokens`.
+        workspace: float32 buffer of at least :func:`workspace_floats` elements holding the
+            kernels' temporaries (so a caller can reserve them up front); None = allocate.
     Returns:
         [B, Hq, D] float32.
     """
@@ -227,7 +230,8 @@ def sparse_decode_attention(
         return query.new_zeros(0, hq, d, dtype=out_dtype)
     g = hq // h
     dev = query.device
-    split_tokens = split_tokens or (4 * bs if INTERPRET else max(bs, 2048 // bs * bs))
+    if split_tokens is None:
+        split_tokens = default_split_tokens(b, h, max_seq_len, bs, dev)
     if split_tokens % bs:
         raise ValueError(f"split_tokens {split_tokens} is not a multiple of block size {bs}")
     split_blocks = split_tokens // bs
@@ -235,15 +239,28 @@ def sparse_decode_attention(
     nsp = n_splits + 1  # + the exact-tail program
     qs = (query.float() * scale).contiguous()
     kf, vf = key_fmt, value_fmt
+    need = workspace_floats(b, hq, h, d, kf, vf, nsp, pre_rope)
+    if workspace is None:
+        workspace = torch.empty(need, dtype=torch.float32, device=dev)
+    elif workspace.dtype != torch.float32 or workspace.numel() < need or \
+            not workspace.is_contiguous() or workspace.device != dev:
+        raise ValueError(f"workspace must be contiguous float32 with >= {need} elements on {dev}")
+    sizes = [0 if pre_rope else b * hq * kf.chunks * kf.num_atoms,
+             b * h * vf.chunks * vf.num_atoms * g, b * hq * nsp, b * hq * nsp, b * hq * d]
+    table, bins, maxes, sums, acc_exact = workspace[:sum(sizes)].split(sizes)
     if pre_rope:
         table = qs  # unused stand-in
     else:
-        table = torch.einsum("bhcd,cad->bhca", qs.reshape(b, hq, kf.chunks, d // kf.chunks),
-                             key_atoms).contiguous()
-    maxes = torch.empty(b, hq, nsp, dtype=torch.float32, device=dev)
-    sums = torch.empty(b, hq, nsp, dtype=torch.float32, device=dev)
-    bins = torch.zeros(b, h, vf.chunks, vf.num_atoms, g, dtype=torch.float32, device=dev)
-    acc_exact = torch.empty(b, hq, d, dtype=torch.float32, device=dev)
+        tv = table.view(b, hq, kf.chunks, kf.num_atoms)
+        if kf.chunks == 1:
+            torch.matmul(qs.view(b * hq, d), key_atoms[0].T, out=tv.view(b * hq, kf.num_atoms))
+        else:
+            tv.copy_(torch.einsum("bhcd,cad->bhca", qs.reshape(b, hq, kf.chunks, d // kf.chunks),
+                                  key_atoms))
+    bins.zero_()
+    bins = bins.view(b, h, vf.chunks, vf.num_atoms, g)
+    maxes, sums = maxes.view(b, hq, nsp), sums.view(b, hq, nsp)
+    acc_exact = acc_exact.view(b, hq, d)
     coded = (seq_lens - n_tail).contiguous()
     n_tail = n_tail.contiguous()
     rc = rope_cos if pre_rope else qs
@@ -255,8 +272,8 @@ def sparse_decode_attention(
             block_table, block_table.stride(0), coded, n_tail,
             tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
             maxes, sums, bins, acc_exact,
-            h, kf.num_atoms, nsp,
-            NSP_P2=next_pow2(nsp), BS=bs, SPLIT_BLOCKS=split_blocks, G=g,
+            h, kf.num_atoms, nsp, split_blocks,
+            NSP_P2=next_pow2(nsp), BS=bs, G=g,
             G_P2=next_pow2(g), D=d, CK=kf.chunks, SK=kf.atoms_per_chunk,
             DCK=d // kf.chunks, CV=vf.chunks, SV=vf.atoms_per_chunk,
             KBYTES=kf.slot_bytes, VBYTES=vf.slot_bytes, KCB=kf.coef_bits, KIB=kf.index_bits,
@@ -265,3 +282,31 @@ def sparse_decode_attention(
         )
     coded_out = torch.einsum("bhcag,cad->bhgcd", bins, value_atoms).reshape(b, hq, d)
     return (coded_out + acc_exact) / sums.sum(-1)[..., None]
+
+
+MIN_SPLIT_BLOCKS = 8
+
+
+def default_split_tokens(batch: int, kv_heads: int, max_seq_len: int, block_size: int,
+                         device: torch.device) -> int:
+    """Tokens per split: enough splits that batch x heads x splits fills the GPU about 4 times
+    over (a batch-1 decode still spreads over every SM), at least ``MIN_SPLIT_BLOCKS`` blocks
+    and at most 4096 tokens each. Interpreter: 4 blocks (tiny test shapes still split)."""
+    if INTERPRET or device.type != "cuda":
+        return 4 * block_size
+    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, -(-target // max(1, batch * kv_heads)))
+    tokens = -(-max_seq_len // splits)
+    tokens = -(-tokens // block_size) * block_size
+    return int(min(max(tokens, MIN_SPLIT_BLOCKS * block_size), max(4096, block_size)))
+
+
+def workspace_floats(batch: int, q_heads: int, kv_heads: int, head_dim: int,
+                     key_fmt: CodeFormat, value_fmt: CodeFormat, num_splits: int,
+                     pre_rope: bool) -> int:
+    """float32 elements of the temporaries: the q.D_K table (post-RoPE), the value bins, the
+    per-split maxima and sums and the exact tail's sums (``num_splits`` includes the tail's)."""
+    g = q_heads // kv_heads
+    table = 0 if pre_rope else batch * q_heads * key_fmt.chunks * key_fmt.num_atoms
+    bins = batch * kv_heads * value_fmt.chunks * value_fmt.num_atoms * g
+    return table + bins + 2 * batch * q_heads * num_splits + batch * q_heads * head_dim
