@@ -122,7 +122,35 @@ def _configure_backend(settings: CSRSettings) -> None:
                 "%.1f MiB", share.tp_rank, share.tp_size, share.pp_rank, share.pp_size,
                 share.layers[0], share.layers[1] - 1, share.kv_heads[0], share.kv_heads[1] - 1,
                 dicts.nbytes / 2**20)
+    if par.pipeline_parallel_size > 1:
+        _patch_pp_receive_buffer()
     CSRAttentionBackend.configure(dicts, settings)
+
+
+def _patch_pp_receive_buffer() -> None:
+    """vLLM 0.32's CPU model runner allocates the buffer a later pipeline stage receives
+    activations into only in its dummy run, which eager CPU execution (``--enforce-eager``)
+    never makes: the first step then fails (``assert self.intermediate_tensors is not None``).
+    With pipeline parallelism and CSR on, allocate it when the KV cache is set up, exactly as
+    the dummy run would (idempotent; applied in the worker, where the backend is selected)."""
+    from vllm.distributed.parallel_state import get_pp_group
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.initialize_kv_cache
+    if getattr(original, _PATCHED, False):
+        return
+
+    @functools.wraps(original)
+    def initialize_kv_cache(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        if not get_pp_group().is_first_rank and self.intermediate_tensors is None:
+            self.intermediate_tensors = self.model.make_empty_intermediate_tensors(
+                batch_size=self.max_num_tokens, dtype=self.model_config.dtype,
+                device=self.device)
+        return out
+
+    initialize_kv_cache.__dict__[_PATCHED] = True
+    CPUModelRunner.initialize_kv_cache = initialize_kv_cache
 
 
 def load_dictionaries(settings: CSRSettings, hf_config, model: str):

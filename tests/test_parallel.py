@@ -127,3 +127,22 @@ def test_runtime_on_a_shard_codes_like_the_full_set(unit_atoms, gen, per_head):
     want, _, _ = LayerCodec(full, 4).encode(k, v, pos)
     got, _, _ = rt.codecs[4].encode(k[:, 1:2], v[:, 1:2], pos)
     assert torch.equal(got, want[:, 1:2])
+
+
+def test_pipeline_receive_buffer_patch_is_idempotent():
+    """The one vLLM wrap TP/PP needs (see csr_vllm.plugin._patch_pp_receive_buffer): applied
+    once however often a worker selects the backend; the engine runs in
+    tests/test_vllm_e2e.py fail without it (vLLM 0.32, eager CPU, pipeline stage 2)."""
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    from csr_vllm.plugin import _PATCHED, _patch_pp_receive_buffer
+
+    original = CPUModelRunner.initialize_kv_cache
+    try:
+        _patch_pp_receive_buffer()
+        patched = CPUModelRunner.initialize_kv_cache
+        _patch_pp_receive_buffer()
+        assert CPUModelRunner.initialize_kv_cache is patched
+        assert getattr(patched, _PATCHED) and patched.__wrapped__ is original
+    finally:
+        CPUModelRunner.initialize_kv_cache = original
