@@ -3,7 +3,7 @@
 For one decode query per sequence and KV head ``h`` (its ``G`` query heads together, so each
 code is read once for all of them), over tokens stored as codes::
 
-    score_t = sum_s c_ts T[idx_ts]         T = (scale q) . D_K^T, [G, A], once per (seq, head)
+    score_t = sum_s c_ts T[idx_ts]         T = (scale q) . D_K^T, [A, G], once per (seq, head)
     out     = (sum_t p_t sum_s c'_ts e_{idx'_ts}) . D_V + sum_{t exact} p_t v_t
 
 Tokens of the exact tail (the Guard window and the in-flight tokens: the last ``n_tail`` of a
@@ -106,8 +106,10 @@ def _sparse_decode_kernel(
                     code = read_field(base, k * KCB, KCB, KBYTES, tm)
                     idx = read_field(base, CK * SK * KCB + k * KIB, KIB, KBYTES, tm)
                     coef = tl.where(tm, decode_coef(code, KFMT), 0.0)
-                    tv = tl.load(table_ptr + (row[None, :] * CK + c).to(tl.int64) * A
-                                 + idx[:, None], mask=tm[:, None] & gm[None, :], other=0.0)
+                    # [B, H, CK, A, G]: the G query heads of one atom are adjacent.
+                    trow = (((b * H + h) * CK + c) * A + idx).to(tl.int64) * G
+                    tv = tl.load(table_ptr + trow[:, None] + gi[None, :],
+                                 mask=tm[:, None] & gm[None, :], other=0.0)
                     s += coef[:, None] * tv
             s = tl.where(tm[:, None], s, float("-inf"))
             if ACCUMULATE:
@@ -122,7 +124,7 @@ def _sparse_decode_kernel(
                     coef = decode_coef(code, VFMT)
                     bin_row = (((b * H + h) * CV + c) * A + idx).to(tl.int64) * G
                     tl.atomic_add(bins_ptr + bin_row[:, None] + gi[None, :], p * coef[:, None],
-                                  mask=tm[:, None] & gm[None, :])
+                                  mask=tm[:, None] & gm[None, :], sem="relaxed")
             else:
                 m_run = tl.maximum(m_run, tl.max(s, 0))
     else:
@@ -251,12 +253,12 @@ def sparse_decode_attention(
     if pre_rope:
         table = qs  # unused stand-in
     else:
-        tv = table.view(b, hq, kf.chunks, kf.num_atoms)
+        tv = table.view(b, h, kf.chunks, kf.num_atoms, g)
         if kf.chunks == 1:
-            torch.matmul(qs.view(b * hq, d), key_atoms[0].T, out=tv.view(b * hq, kf.num_atoms))
+            torch.matmul(key_atoms[0], qs.view(b, h, g, d).transpose(-1, -2), out=tv[:, :, 0])
         else:
-            tv.copy_(torch.einsum("bhcd,cad->bhca", qs.reshape(b, hq, kf.chunks, d // kf.chunks),
-                                  key_atoms))
+            tv.copy_(torch.einsum("bhgcd,cad->bhcag",
+                                  qs.reshape(b, h, g, kf.chunks, d // kf.chunks), key_atoms))
     bins.zero_()
     bins = bins.view(b, h, vf.chunks, vf.num_atoms, g)
     maxes, sums = maxes.view(b, hq, nsp), sums.view(b, hq, nsp)
