@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -86,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    """Prepare the default model and dictionary (serving itself lands with the vLLM backend)."""
+    """Prepare the default model and dictionary, serve them with CSR and report the capacity."""
     from transformers import AutoConfig
 
     from csr_vllm.codec.config import PRESETS
@@ -110,10 +109,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
            "--csr-preset", args.preset, "--host", args.host, "--port", str(args.port),
            *[a for a in args.vllm_args if a != "--"]]
     print("serving:    vllm " + " ".join(cmd[3:]), flush=True)
-    print(f"URL:        http://{args.host}:{args.port}/v1 (OpenAI API)", flush=True)
     if args.dry_run:
         return
-    os.execv(sys.executable, cmd)
+    from csr_vllm.server.launch import serve_and_report
+
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+    key = next((v for a, v in zip(cmd[:-1], cmd[1:], strict=True) if a == "--api-key"), None)
+    sys.exit(serve_and_report(cmd, f"http://{host}:{args.port}", key))
 
 
 def cmd_ruler(args: argparse.Namespace) -> None:

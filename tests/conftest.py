@@ -30,6 +30,14 @@ def model_dir():
 
 
 @pytest.fixture(scope="session")
+def default_dict(model_dir) -> str:
+    """The default model's default dictionary (trained and cached on first use)."""
+    from csr_vllm.defaults import default_dictionary
+
+    return str(default_dictionary(model_dir))
+
+
+@pytest.fixture(scope="session")
 def model(model_dir):
     from transformers import AutoModelForCausalLM
 
