@@ -25,6 +25,8 @@ pytestmark = pytest.mark.skipif(
            "this module so) or on a CUDA machine")
 DEV = "cuda" if CUDA else "cpu"
 THETA = 10000.0
+# The references are the codec's own (csr_vllm.codec, which reads dictionaries with safetensors).
+pytest.importorskip("safetensors")
 
 
 @pytest.fixture
@@ -290,6 +292,7 @@ def test_cuda_backend_write_and_decode_glue(seed):
     impl class on CPU tensors: its prefill path (vLLM's unified_attention) is not covered."""
     from unittest import mock
 
+    pytest.importorskip("vllm")
     from csr_vllm.codec.codec import TensorCodec
     from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
     from csr_vllm.codec.dictionary import DictionarySet, ModelShape
