@@ -13,10 +13,9 @@ fails here; CSR flag names come from ``csr_vllm.plugin.CSR_FLAGS`` only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
-import subprocess
-import sys
 from functools import cache
 from pathlib import Path
 
@@ -363,31 +362,45 @@ def test_multi_node_group_matches_the_parallel_layout():
 
 
 # -- the init container's check, for real ------------------------------------------------------
+def load_validate_dictionary():
+    """deploy/validate_dictionary.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("validate_dictionary",
+                                                  DEPLOY / "validate_dictionary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
-def test_validate_dictionary_reports_each_workers_share(model_dir, tmp_path):
+def test_validate_dictionary_reports_each_workers_share(model_dir, tmp_path, capsys):
     from transformers import AutoConfig
 
-    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.dictionary import DictionarySet, ModelShape
     from csr_vllm.codec.identity import identity_dictionary
 
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
     good, bad = tmp_path / "good", tmp_path / "bad"
-    identity_dictionary(shape).save(good)
+    # The lossless dictionary with its own copy per layer and KV head: every worker of
+    # TP 3 x PP 2 needs one sixth of it.
+    shared = identity_dictionary(shape)
+    eye = shared.key_atoms[0, 0]
+    atoms = eye.expand(shape.num_layers, shape.num_kv_heads, *eye.shape).contiguous()
+    config = dataclasses.replace(shared.config, layer_group=1, per_head=True)
+    DictionarySet(config, shape, atoms, atoms.clone()).save(good)
     identity_dictionary(ModelShape("LlamaForCausalLM", 12, 3, 64, 10000.0)).save(bad)
-    script = str(DEPLOY / "validate_dictionary.py")
-    run = [sys.executable, script, "--model", str(model_dir), "--preset", "none"]
-    ok = subprocess.run(run + ["--dict", str(good), "--tensor-parallel-size", "3",
-                               "--pipeline-parallel-size", "2"],
-                        capture_output=True, text=True, timeout=300)
-    assert ok.returncode == 0, ok.stderr
-    out = json.loads(ok.stdout.strip().splitlines()[-1])
+    check = load_validate_dictionary()
+    run = ["--model", str(model_dir), "--preset", "none"]
+    assert check.main(run + ["--dict", str(good), "--tensor-parallel-size", "3",
+                             "--pipeline-parallel-size", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     workers = out["workers"]
     assert len(workers) == 6
     assert [w["layers"] for w in workers] == [[0, 15]] * 3 + [[15, 30]] * 3
     assert [w["kv_heads"] for w in workers] == [[0, 1], [1, 2], [2, 3]] * 2
-    # The identity set shares one dictionary across all layers: every stage keeps it whole.
-    assert all(w["dictionary_bytes"] == out["dictionary_bytes_total"] for w in workers)
-    refused = subprocess.run(run + ["--dict", str(bad)], capture_output=True, text=True,
-                             timeout=300)
-    assert refused.returncode == 1
-    assert "made for another model" in refused.stderr and "num_layers" in refused.stderr
+    assert out["dictionary_bytes_total"] == 2 * atoms.nbytes
+    assert all(w["dictionary_bytes"] * 6 == out["dictionary_bytes_total"] for w in workers)
+    assert check.main(run + ["--dict", str(bad)]) == 1
+    refused = capsys.readouterr()
+    assert "made for another model" in refused.err and "num_layers" in refused.err
