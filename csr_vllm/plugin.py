@@ -45,6 +45,7 @@ CSR_FLAGS: dict[str, str] = {
     "--csr-guard-max-seqs": "guard_max_seqs",
     "--csr-outlier-threshold": "outlier_threshold",
     "--csr-read-path": "read_path",
+    "--csr-adapt-atoms": "adapt_atoms",
 }
 
 
@@ -295,6 +296,9 @@ def add_csr_arguments(parser) -> None:
     g.add_argument("--csr-outlier-threshold", type=float, default=None,
                    help="keep vectors with relative reconstruction error above this exact")
     g.add_argument("--csr-read-path", choices=["auto", "reconstruct", "sparse"], default=None)
+    g.add_argument("--csr-adapt-atoms", type=int, default=None,
+                   help="atoms per KV block sampled from its own K/V (dictionary adaptation; "
+                   "their bytes are added to every slot; default 0 = off)")
 
 
 def fold_csr_flags(args: argparse.Namespace, additional: dict | None) -> dict:

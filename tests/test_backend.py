@@ -43,11 +43,15 @@ def random_dictionary(gen, key_rope="pre", atoms=256, s=3) -> DictionarySet:
 class Engine:
     """Just enough of vLLM's step loop to drive one attention layer."""
 
-    def __init__(self, dicts, settings, gen, num_blocks=64):
+    def __init__(self, dicts, settings, gen, num_blocks=64, free=None, content=None):
         self.runtime = CSRRuntime(dicts, settings, BS, DTYPE)
         self.kv_cache = torch.zeros(num_blocks, H, BS, self.runtime.layout.slot_bytes,
                                     dtype=torch.uint8)
-        self.free = torch.randperm(num_blocks, generator=gen).tolist()  # permuted tables
+        # permuted tables (or the given free list: the last entry is handed out first)
+        self.free = torch.randperm(num_blocks, generator=gen).tolist() if free is None \
+            else list(free)
+        # content(r, positions) -> (k, v, q) of request r's tokens (None: draws from gen)
+        self.content = content
         self.gen = gen
         cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=DTYPE))
         with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: cfg):
@@ -67,14 +71,11 @@ class Engine:
             while len(table) * BS < t:
                 table.append(self.free.pop())
             pos = torch.arange(ctx, t)
-            k = torch.randn(q, H, D, generator=self.gen)
-            cos, sin = rope_tables(D, SHAPE.rope_theta, pos)
-            k = apply_rope(k, cos[:, None], sin[:, None]).to(DTYPE)
-            v = torch.randn(q, H, D, generator=self.gen).to(DTYPE)
+            k, v, qry = self.draw(r, pos)
             self.k[r] = torch.cat([self.k.get(r, k[:0]), k])
             self.v[r] = torch.cat([self.v.get(r, v[:0]), v])
             keys.append(k), values.append(v)
-            queries.append(torch.randn(q, H * G, D, generator=self.gen).to(DTYPE))
+            queries.append(qry)
             slots.append(torch.tensor([table[p // BS] * BS + p % BS for p in pos.tolist()]))
             seq_lens.append(t), qlens.append(q), ids.append(r)
         m = max(len(self.tables[r]) for r in ids)
@@ -110,6 +111,17 @@ class Engine:
         out = torch.full((len(key), H * G, D), float("nan"), dtype=DTYPE)  # poisoned
         self.impl.forward(self.layer, query, key, value, self.kv_cache, meta, out)
         return out, query, ids, qlens
+
+    def draw(self, r: int, pos: torch.Tensor):
+        """K (after RoPE), V [q, H, D] and queries [q, H * G, D] of request r at ``pos``."""
+        if self.content is not None:
+            return self.content(r, pos)
+        q = len(pos)
+        k = torch.randn(q, H, D, generator=self.gen)
+        cos, sin = rope_tables(D, SHAPE.rope_theta, pos)
+        k = apply_rope(k, cos[:, None], sin[:, None]).to(DTYPE)
+        v = torch.randn(q, H, D, generator=self.gen).to(DTYPE)
+        return k, v, torch.randn(q, H * G, D, generator=self.gen).to(DTYPE)
 
     def finish(self, r: int) -> None:
         """Free a request's blocks; they are the next ones handed out (reuse)."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from csr_vllm.codec.adaptation import LocalAtoms
 from csr_vllm.codec.config import TensorCodecConfig
 from csr_vllm.codec.packing import pack_fields, unpack_fields
 from csr_vllm.codec.pursuit import PURSUITS, reconstruct
@@ -31,7 +32,12 @@ class SparseCode:
 
 
 class TensorCodec:
-    """Codes vectors [N, D] with C chunk dictionaries ``atoms`` [C, A, Dc]."""
+    """Codes vectors [N, D] with C chunk dictionaries ``atoms`` [C, A, Dc].
+
+    With ``config.sampled_atoms = E > 0`` codes address the first A - E trained atoms and, at
+    indices ``[A - E, A)``, the E sampled atoms of the vector's group (``local``, see
+    :mod:`csr_vllm.codec.adaptation`).
+    """
 
     def __init__(self, config: TensorCodecConfig, atoms: Tensor) -> None:
         if atoms.ndim != 3 or atoms.shape[0] != config.chunks or atoms.shape[1] != config.num_atoms:
@@ -48,21 +54,43 @@ class TensorCodec:
     def head_dim(self) -> int:
         return self.atoms.shape[0] * self.atoms.shape[2]
 
-    def encode(self, x: Tensor) -> SparseCode:
-        """x [N, D] -> SparseCode; coefficients are quantised inside the pursuit."""
+    @property
+    def shared_atoms(self) -> Tensor:
+        """[C, A - E, Dc]: the trained atoms codes may address."""
+        return self.atoms[:, : self.config.shared_atoms]
+
+    def encode(self, x: Tensor, local: LocalAtoms | None = None) -> SparseCode:
+        """x [N, D] -> SparseCode; coefficients are quantised inside the pursuit. ``local``:
+        each vector's sampled atoms (only with ``sampled_atoms > 0``)."""
         n, d = x.shape
         if d != self.head_dim:
             raise ValueError(f"expected vectors of dim {self.head_dim}, got {d}")
+        self._check_local(local, n)
         x = x.to(self.atoms.dtype)
         scale = self.fmt.scale_for(x) if self.fmt.has_scale else None
         chunks = x.reshape(n, self.config.chunks, -1)
+        shared = self.shared_atoms
         idx, coef = [], []
         for c in range(self.config.chunks):
             quant = self._quantizer(scale)
-            i, w = self._pursuit(chunks[:, c], self.atoms[c], self.config.atoms_per_chunk, quant)
+            extra = local.per_vector(c).to(x.dtype) if local is not None else None
+            i, w = self._pursuit(chunks[:, c], shared[c], self.config.atoms_per_chunk, quant,
+                                 extra=extra)
             idx.append(i)
             coef.append(w)
         return SparseCode(torch.stack(idx, 1), torch.stack(coef, 1), scale)
+
+    def _check_local(self, local: LocalAtoms | None, n: int) -> None:
+        if local is None:
+            return
+        e = self.config.sampled_atoms
+        if not e:
+            raise ValueError("sampled atoms given to a codec with sampled_atoms = 0")
+        want = (self.config.chunks, e, self.atoms.shape[2])
+        if tuple(local.atoms.shape[1:]) != want or local.group.shape != (n,):
+            raise ValueError(f"local atoms {tuple(local.atoms.shape)} / groups "
+                             f"{tuple(local.group.shape)} do not fit {n} vectors, (C, E, Dc) "
+                             f"= {want}")
 
     def _quantizer(self, scale: Tensor | None):
         fmt = self.fmt
@@ -72,12 +100,30 @@ class TensorCodec:
 
         return quantize
 
-    def decode(self, code: SparseCode) -> Tensor:
-        """SparseCode -> reconstructed vectors [N, D] (dtype of the atoms)."""
-        parts = [
-            reconstruct(code.indices[:, c], code.coefs[:, c], self.atoms[c])
-            for c in range(self.config.chunks)
-        ]
+    def decode(self, code: SparseCode, local: LocalAtoms | None = None) -> Tensor:
+        """SparseCode -> reconstructed vectors [N, D] (dtype of the atoms).
+
+        Indices ``>= A - E`` read the vector's group's sampled atoms from ``local``: one table
+        ``[shared atoms ; every group's sampled atoms]`` and the indices remapped into it."""
+        n = code.indices.shape[0]
+        a = self.config.shared_atoms
+        if local is None:
+            if self.config.sampled_atoms and n and bool((code.indices >= a).any()):
+                raise ValueError("codes address sampled atoms but none were given")
+            parts = [reconstruct(code.indices[:, c], code.coefs[:, c], self.atoms[c])
+                     for c in range(self.config.chunks)]
+            return torch.cat(parts, dim=1)
+        self._check_local(local, n)
+        e = self.config.sampled_atoms
+        idx = code.indices
+        own = idx >= a
+        remapped = torch.where(own, a + local.group[:, None, None] * e + (idx - a), idx)
+        parts = []
+        for c in range(self.config.chunks):
+            table = torch.cat([self.atoms[c, :a],
+                               local.atoms[:, c].reshape(-1, self.atoms.shape[2])
+                               .to(self.atoms.dtype)])
+            parts.append(reconstruct(remapped[:, c], code.coefs[:, c], table))
         return torch.cat(parts, dim=1)
 
     def roundtrip(self, x: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from the layout in :mod:`csr_vllm.codec.packing` and are checked against the pre
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from csr_vllm.codec.coefficients import SCALE_BITS, CoefFormat
@@ -28,6 +28,9 @@ class TensorCodecConfig:
         atoms_per_chunk: S, pursuit iterations per chunk.
         coef: coefficient format (``fp16``, ``fp8``, ``int3``..``int8``).
         pursuit: ``mp`` (the paper) or ``omp``.
+        sampled_atoms: E, index values ``[A - E, A)`` reserved for atoms sampled from the
+            coded data itself (:mod:`csr_vllm.codec.adaptation`); the trained atoms at those
+            indices are not used. 0 = no adaptation.
     """
 
     num_atoms: int = 4096
@@ -35,11 +38,15 @@ class TensorCodecConfig:
     atoms_per_chunk: int = 2
     coef: str = "int5"
     pursuit: Pursuit = "omp"
+    sampled_atoms: int = 0
 
     def __post_init__(self) -> None:
         CoefFormat(self.coef)  # validates the name
         if self.num_atoms < 2 or self.chunks < 1 or self.atoms_per_chunk < 1:
             raise ValueError(f"invalid tensor codec config {self}")
+        if not 0 <= self.sampled_atoms < self.num_atoms:
+            raise ValueError(f"sampled_atoms must be in [0, {self.num_atoms}), got "
+                             f"{self.sampled_atoms}")
         if self.pursuit not in ("mp", "omp"):
             raise ValueError(f"pursuit must be 'mp' or 'omp', got {self.pursuit!r}")
 
@@ -50,6 +57,11 @@ class TensorCodecConfig:
     @property
     def index_bits(self) -> int:
         return index_bits(self.num_atoms)
+
+    @property
+    def shared_atoms(self) -> int:
+        """Atoms of the trained dictionary that codes address (A - E)."""
+        return self.num_atoms - self.sampled_atoms
 
     @property
     def payload_bits(self) -> int:
@@ -95,6 +107,12 @@ class CodecConfig:
     def slot_bytes(self) -> int:
         """Bytes per (token, KV head): K code + V code."""
         return self.key.slot_bytes + self.value.slot_bytes
+
+    def with_sampled_atoms(self, sampled: int) -> CodecConfig:
+        """The same setting with E = ``sampled`` atoms per block sampled from the data, for
+        keys and values (:mod:`csr_vllm.codec.adaptation`)."""
+        return replace(self, key=replace(self.key, sampled_atoms=sampled),
+                       value=replace(self.value, sampled_atoms=sampled))
 
     def bits_per_channel(self, head_dim: int) -> float:
         """All-in bits per K/V channel of the stored codes (layout-derived)."""

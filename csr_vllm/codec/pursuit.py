@@ -3,6 +3,10 @@
 Both are batched over N vectors and return the chosen atom indices and their coefficients.
 ``quantize`` (optional) is applied to each coefficient as it is chosen, so the residual the
 pursuit continues from is the one the stored, quantised code will actually leave behind.
+
+``extra`` (optional, [N, E, Dc]) gives every vector E atoms of its own besides the shared
+dictionary [A, Dc] (sampled atoms, :mod:`csr_vllm.codec.adaptation`): index ``A + e`` picks the
+vector's extra atom ``e``. An all-zero extra atom (an empty slot) is never picked.
 """
 
 from __future__ import annotations
@@ -22,22 +26,48 @@ Quantizer = Callable[[Tensor], Tensor]
 BLOCK_ENTRIES = 128 * 8192
 
 
-def best_atom(residual: Tensor, atoms: Tensor) -> tuple[Tensor, Tensor]:
-    """Index [N] and correlation [N] of the atom with the largest |<r, d_j>|."""
+def best_atom(residual: Tensor, atoms: Tensor,
+              extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Index [N] and correlation [N] of the atom with the largest |<r, d_j>|.
+
+    With ``extra`` [N, E, Dc], each vector's own atoms compete too (indices A..A+E-1); a tie
+    goes to the shared dictionary, so an empty (zero) extra atom is never chosen."""
     rows = max(1, BLOCK_ENTRIES // atoms.shape[0])
     if residual.shape[0] > rows:
-        parts = [best_atom(r, atoms) for r in residual.split(rows)]
+        extras = extra.split(rows) if extra is not None else [None] * -(-len(residual) // rows)
+        parts = [best_atom(r, atoms, e) for r, e in zip(residual.split(rows), extras,
+                                                         strict=True)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     corr = residual @ atoms.T  # [N, A]
     # max and min separately avoids materialising |corr|, a second [N, A] buffer.
     vmax, imax = corr.max(dim=1)
     vmin, imin = corr.min(dim=1)
     take_min = vmin.abs() > vmax
-    return torch.where(take_min, imin, imax), torch.where(take_min, vmin, vmax)
+    idx, val = torch.where(take_min, imin, imax), torch.where(take_min, vmin, vmax)
+    if extra is not None and extra.shape[1]:
+        ecorr = torch.einsum("ned,nd->ne", extra, residual)  # [N, E]
+        e = ecorr.abs().argmax(dim=1)
+        ev = ecorr.gather(1, e[:, None])[:, 0]
+        better = ev.abs() > val.abs()
+        idx = torch.where(better, atoms.shape[0] + e, idx)
+        val = torch.where(better, ev, val)
+    return idx, val
+
+
+def gather_atoms(atoms: Tensor, idx: Tensor, extra: Tensor | None = None) -> Tensor:
+    """Atoms [N, S, Dc] at indices [N, S] (``A + e`` = the vector's extra atom ``e``)."""
+    a = atoms.shape[0]
+    if extra is None:
+        return atoms[idx]
+    shared = atoms[idx.clamp_max(a - 1)]
+    own = extra.gather(1, (idx - a).clamp(0, extra.shape[1] - 1)[..., None]
+                       .expand(*idx.shape, extra.shape[2]))
+    return torch.where((idx >= a)[..., None], own, shared)
 
 
 def matching_pursuit(
-    x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None
+    x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None,
+    extra: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Greedy MP with exactly ``s`` iterations.
 
@@ -46,6 +76,7 @@ def matching_pursuit(
         atoms: [A, Dc] unit-norm atoms.
         s: atoms per vector.
         quantize: maps coefficients [N] to their stored (dequantised) values.
+        extra: [N, E, Dc] per-vector atoms (indices A..A+E-1), or None.
     Returns:
         (indices [N, S] int64, coefficients [N, S] in x.dtype)
     """
@@ -53,17 +84,18 @@ def matching_pursuit(
     idx = torch.empty(x.shape[0], s, dtype=torch.long, device=x.device)
     coef = torch.empty(x.shape[0], s, dtype=x.dtype, device=x.device)
     for k in range(s):
-        j, c = best_atom(residual, atoms)
+        j, c = best_atom(residual, atoms, extra)
         if quantize is not None:
             c = quantize(c)
         idx[:, k], coef[:, k] = j, c
-        residual = residual - c[:, None] * atoms[j]
+        residual = residual - c[:, None] * gather_atoms(atoms, j[:, None], extra)[:, 0]
     return idx, coef
 
 
-def least_squares_coefficients(x: Tensor, atoms: Tensor, idx: Tensor, ridge: float = 1e-6) -> Tensor:
+def least_squares_coefficients(x: Tensor, atoms: Tensor, idx: Tensor, ridge: float = 1e-6,
+                               extra: Tensor | None = None) -> Tensor:
     """Coefficients [N, S] minimising ||x - sum_k c_k atoms[idx_k]|| for a fixed support [N, S]."""
-    sel = atoms[idx]  # [N, S, Dc]
+    sel = gather_atoms(atoms, idx, extra)  # [N, S, Dc]
     gram = sel @ sel.transpose(1, 2)  # [N, S, S]
     eye = torch.eye(idx.shape[1], dtype=x.dtype, device=x.device)
     rhs = (sel @ x[:, :, None]).squeeze(-1)  # [N, S]
@@ -73,7 +105,8 @@ def least_squares_coefficients(x: Tensor, atoms: Tensor, idx: Tensor, ridge: flo
 
 
 def orthogonal_matching_pursuit(
-    x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None
+    x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None,
+    extra: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """OMP: MP's greedy selection, but all coefficients refit by least squares after each pick.
 
@@ -86,18 +119,18 @@ def orthogonal_matching_pursuit(
     coef = x.new_zeros(n, 0)
     residual = x
     for k in range(s):
-        j, _ = best_atom(residual, atoms)
+        j, _ = best_atom(residual, atoms, extra)
         idx[:, k] = j
-        coef = least_squares_coefficients(x, atoms, idx[:, : k + 1])
-        residual = x - (coef[:, :, None] * atoms[idx[:, : k + 1]]).sum(1)
+        coef = least_squares_coefficients(x, atoms, idx[:, : k + 1], extra=extra)
+        residual = x - (coef[:, :, None] * gather_atoms(atoms, idx[:, : k + 1], extra)).sum(1)
     if quantize is None:
         return idx, coef
     fixed = x.new_zeros(n, s)
     target = x
     for k in range(s):
-        free = least_squares_coefficients(target, atoms, idx[:, k:])
+        free = least_squares_coefficients(target, atoms, idx[:, k:], extra=extra)
         fixed[:, k] = quantize(free[:, 0])
-        target = target - fixed[:, k, None] * atoms[idx[:, k]]
+        target = target - fixed[:, k, None] * gather_atoms(atoms, idx[:, k:k + 1], extra)[:, 0]
     return idx, fixed
 
 

@@ -43,7 +43,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.guard import OutlierGuard
-from csr_vllm.engine.page_layout import SlotLayout
+from csr_vllm.engine.page_layout import SlotLayout, with_adaptation
 from csr_vllm.engine.runtime import CSRRuntime, StepPlan
 from csr_vllm.engine.settings import CSRSettings
 
@@ -61,20 +61,21 @@ class CSRAttentionBackend(CPUAttentionBackend):
 
     @classmethod
     def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
-        cls.dicts, cls.settings = dicts, settings
+        cls.dicts, cls.settings = with_adaptation(dicts, settings.adapt_atoms), settings
 
     @classmethod
-    def layout(cls) -> SlotLayout:
+    def layout(cls, block_size: int | None = None) -> SlotLayout:
+        """The slot; with sampled atoms their share depends on the block size."""
         if cls.dicts is None:
             raise RuntimeError("CSR backend used before csr_vllm.plugin configured it")
-        return SlotLayout.of(cls.dicts)
+        return SlotLayout.of(cls.dicts, block_size)
 
     @classmethod
     def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
         if spec.state_content_bytes is not None:
             return spec
         return dataclasses.replace(spec, dtype=torch.uint8,
-                                   state_content_bytes=cls.layout().slot_bytes)
+                                   state_content_bytes=cls.layout(spec.block_size).slot_bytes)
 
     @classmethod
     def supports_sliding_window(cls) -> bool:
@@ -114,11 +115,12 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
         _RUNTIMES.add(self.runtime)
         side = self.runtime.side_bytes()
         logger.info(
-            "CSR KV cache: %d bytes per (token, KV head) slot (bf16: %d), %.3f bits/channel; "
+            "CSR KV cache: %d bytes per (token, KV head) slot (bf16: %d), %.3f bits/channel "
+            "(sampled atoms included); "
             "side memory outside the pool: dictionaries %.1f MiB, dense window guard %.1f MiB "
             "(%d blocks), outlier guard up to %.1f MiB",
             self.runtime.layout.slot_bytes, 4 * dicts.shape.head_dim,
-            dicts.config.bits_per_channel(dicts.shape.head_dim),
+            8 * self.runtime.layout.slot_bytes / (2 * dicts.shape.head_dim),
             side["dictionaries"] / 2**20, side["window_guard"] / 2**20,
             self.runtime.window.capacity,
             _outlier_reserved(dicts, settings, vllm_config.model_config.dtype) / 2**20)

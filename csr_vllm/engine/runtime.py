@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from csr_vllm.codec.adaptation import LocalAtoms, atom_limit, filled_atoms
+from csr_vllm.codec.codec import SparseCode, TensorCodec
 from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.guard import OutlierGuard, WindowGuard, WindowPlan, _ragged_arange
-from csr_vllm.engine.page_layout import LayerCodec, SlotLayout
+from csr_vllm.engine.page_layout import BlockAtoms, LayerCodec, SlotLayout, with_adaptation
 from csr_vllm.engine.settings import CSRSettings
 from csr_vllm.engine.sparse_attention import sparse_decode_attention
 
@@ -91,12 +93,16 @@ class CSRRuntime:
     def __init__(self, dicts: DictionarySet, settings: CSRSettings, block_size: int,
                  dtype: torch.dtype) -> None:
         shape = dicts.shape
+        dicts = with_adaptation(dicts, settings.adapt_atoms)
         self.dicts, self.settings = dicts, settings
         self.block_size, self.dtype = block_size, dtype
-        self.layout = SlotLayout.of(dicts)
+        self.layout = SlotLayout.of(dicts, block_size)
         # Sized for what this worker serves: a pipeline stage's layers (global indices, as
         # vLLM's layer names carry them), a tensor-parallel rank's KV heads (dicts.kv_heads).
-        self.codecs = {layer: LayerCodec(dicts, layer) for layer in dicts.layers}
+        self.codecs = {layer: LayerCodec(dicts, layer, block_size) for layer in dicts.layers}
+        # Sampled atoms (K + V) each block's page holds, per layer: bookkeeping for the
+        # statistics only (the pages are the truth), set on every write of the block.
+        self.block_atoms: dict[int, Tensor] = {}
         self.window = WindowGuard(settings.guard_window, block_size, settings.guard_max_seqs,
                                   dicts.kv_heads, shape.head_dim, dtype)
         self.outliers: dict[tuple[int, str], OutlierGuard] = {}
@@ -172,11 +178,16 @@ class CSRRuntime:
         if not live.numel():
             return
         t0 = time.perf_counter()
-        codes, k_rec, v_rec = self.codecs[layer].encode(key[live], value[live],
-                                                        plan.positions[live])
         bs = self.block_size
         s = slots[live]
-        kv_cache[s // bs, :, s % bs] = codes
+        codec = self.codecs[layer]
+        atoms = self._atoms_for_write(codec, kv_cache, s) if codec.sampled else None
+        codes, k_rec, v_rec = codec.encode(key[live], value[live], plan.positions[live], atoms)
+        if atoms is not None:
+            blocks = torch.unique(s // bs)
+            codec.write_atoms(kv_cache, blocks, atoms.key, atoms.value)
+            self._count_atoms(layer, blocks, atoms, kv_cache.shape[0])
+        kv_cache[s // bs, :, s % bs, : self.layout.code_bytes] = codes
         self.stats.observe_encode(time.perf_counter() - t0)
         self.stats.encoded_vectors += 2 * codes.shape[0] * codes.shape[1]
 
@@ -192,6 +203,41 @@ class CSRRuntime:
                 pool.add(s[tok], head, x[tok, head])
         self.window.write(layer, plan.window, key, value)
 
+    def _atoms_for_write(self, codec: LayerCodec, kv_cache: Tensor, slots: Tensor) -> BlockAtoms:
+        """The sampled atoms of the blocks the step writes [K slots], for encoding: emptied
+        for blocks whose offset 0 is written (vLLM reuses a block from its first slot), with
+        each block's limit from the last offset written."""
+        bs = self.block_size
+        blocks, block_of = torch.unique(slots // bs, return_inverse=True)
+        k_atoms, v_atoms = codec.read_atoms(kv_cache, blocks)
+        offsets = slots % bs
+        restart = torch.zeros(len(blocks), dtype=torch.bool)
+        restart[block_of[offsets == 0]] = True
+        k_atoms[restart] = 0.0
+        v_atoms[restart] = 0.0
+        last = torch.full((len(blocks),), -1, dtype=torch.long)
+        last.scatter_reduce_(0, block_of, offsets, reduce="amax")
+        return BlockAtoms(k_atoms, v_atoms, block_of, atom_limit(last, bs, codec.sampled))
+
+    def _count_atoms(self, layer: int, blocks: Tensor, atoms: BlockAtoms,
+                     num_blocks: int) -> None:
+        counts = self.block_atoms.setdefault(layer, torch.zeros(num_blocks, dtype=torch.long))
+        per_block = [filled_atoms(a.flatten(1, 2)).sum(-1) for a in (atoms.key, atoms.value)]
+        counts[blocks] = per_block[0] + per_block[1]
+
+    def sampled_atoms(self) -> dict[int, int]:
+        """Sampled atoms (K + V) held in the pages, per layer (blocks vLLM holds or keeps
+        cached; a freed block's atoms go when its first slot is written again)."""
+        return {layer: int(c.sum()) for layer, c in sorted(self.block_atoms.items())}
+
+    def _read_atoms(self, layer: int, kv_cache: Tensor, blocks: Tensor,
+                    block_of: Tensor) -> BlockAtoms | None:
+        codec = self.codecs[layer]
+        if not codec.sampled:
+            return None
+        k_atoms, v_atoms = codec.read_atoms(kv_cache, blocks)
+        return BlockAtoms(k_atoms, v_atoms, block_of)
+
     def dense_view(self, layer: int, plan: StepPlan, key: Tensor, value: Tensor,
                    kv_cache: Tensor) -> tuple[Tensor, Tensor]:
         """K, V [R * BS, H, D] of every referenced slot, in scratch order: reconstructed from
@@ -200,7 +246,9 @@ class CSRRuntime:
         pages = kv_cache[plan.ref_blocks]  # [R, H, BS, C]
         slots = pages.permute(0, 2, 1, 3).reshape(r * bs, pages.shape[1], pages.shape[3])
         pos = (plan.ref_pos0[:, None] + torch.arange(bs)).reshape(-1)
-        k, v = self.codecs[layer].decode(slots, pos)
+        atoms = self._read_atoms(layer, kv_cache, plan.ref_blocks,
+                                 torch.arange(r).repeat_interleave(bs))
+        k, v = self.codecs[layer].decode(slots, pos, atoms)
         # Slots past a sequence's end hold whatever the page held; the kernel never reads
         # them, but keep them finite.
         k, v = torch.nan_to_num_(k, 0.0, 0.0, 0.0), torch.nan_to_num_(v, 0.0, 0.0, 0.0)
@@ -230,7 +278,7 @@ class CSRRuntime:
         query [N, Hq, D]; writes output rows [0, num_decodes) ([N, Hq * D] or [N, Hq, D])."""
         bs, codec = self.block_size, self.codecs[layer]
         kc, vc = codec.keys[0], codec.values[0]
-        kb = self.layout.key_bytes
+        kb, cb = self.layout.key_bytes, self.layout.code_bytes
         h, d = self.dicts.kv_heads, self.dicts.shape.head_dim
         win = plan.window
         wk, wv = self.window.read(layer, win) if win.read_req.numel() else (None, None)
@@ -242,7 +290,16 @@ class CSRRuntime:
             phys = plan.table[i, pos // bs] * bs + pos % bs
             slots = kv_cache[phys // bs, :, phys % bs]  # [T, H, C]
             kcode = kc.unpack(slots[..., :kb].reshape(t * h, -1).contiguous())
-            vcode = vc.unpack(slots[..., kb:].reshape(t * h, -1).contiguous())
+            vcode = vc.unpack(slots[..., kb:cb].reshape(t * h, -1).contiguous())
+            k_extra = v_extra = None
+            if codec.sampled:  # sampled atoms: their part of each vector, rebuilt densely
+                nb = -(-t // bs)
+                atoms = self._read_atoms(layer, kv_cache, plan.table[i, :nb], pos // bs)
+                kcode, k_extra = _split_sampled(kc, kcode, atoms.key[:, 0],
+                                                (pos // bs).repeat_interleave(h))
+                vcode, v_extra = _split_sampled(vc, vcode, atoms.value[:, 0],
+                                                (pos // bs).repeat_interleave(h))
+                k_extra, v_extra = k_extra.reshape(t, h, d), v_extra.reshape(t, h, d)
             mk = torch.zeros(t, h, dtype=torch.bool)
             mv = torch.zeros(t, h, dtype=torch.bool)
             ek = torch.zeros(t, h, d, dtype=self.dtype)
@@ -267,7 +324,8 @@ class CSRRuntime:
             out = sparse_decode_attention(
                 query[row], kcode.indices.reshape(shape), kcode.coefs.reshape(shape), kc.atoms,
                 vcode.indices.reshape(vshape), vcode.coefs.reshape(vshape), vc.atoms,
-                pos, mk, ek, mv, ev, scale, codec.pre_rope, codec.rope_theta)
+                pos, mk, ek, mv, ev, scale, codec.pre_rope, codec.rope_theta,
+                k_extra=k_extra, v_extra=v_extra)
             output[row] = out.reshape(output[row].shape).to(output.dtype)
 
     def auto_sparse(self, max_seq_len: int) -> bool:
@@ -277,6 +335,10 @@ class CSRRuntime:
         return max_seq_len >= SPARSE_FROM_TOKENS
 
     # -- accounting --------------------------------------------------------------------------
+    def sampled_atom_bytes(self) -> int:
+        """Bytes of the sampled atoms the pages hold (fp16, each D channels)."""
+        return sum(self.sampled_atoms().values()) * self.dicts.shape.head_dim * 2
+
     def side_bytes(self) -> dict[str, int]:
         """Memory held outside vLLM's KV pool, by kind."""
         return {
@@ -284,3 +346,16 @@ class CSRRuntime:
             "window_guard": self.window.reserved_bytes(len(self.dicts.layers)),
             "outlier_guard": sum(p.nbytes for p in self.outliers.values()),
         }
+
+
+def _split_sampled(codec: TensorCodec, code: SparseCode, atoms: Tensor,
+                   group: Tensor) -> tuple[SparseCode, Tensor]:
+    """Split codes [N] into their trained-atom part (sampled entries zeroed, for the sparse
+    read path's per-atom tables) and the dense sum of their sampled-atom entries [N, D]."""
+    own = code.indices >= codec.config.shared_atoms
+    zero = torch.zeros_like(code.coefs)
+    extra = codec.decode(SparseCode(code.indices, torch.where(own, code.coefs, zero),
+                                    code.scale), LocalAtoms(atoms, group))
+    shared = SparseCode(torch.where(own, torch.zeros_like(code.indices), code.indices),
+                        torch.where(own, zero, code.coefs), code.scale)
+    return shared, extra

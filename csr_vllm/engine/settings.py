@@ -41,6 +41,10 @@ class CSRSettings(BaseModel):
         outlier_capacity: vectors per layer and tensor in the outlier pool (ring; oldest out).
         read_path: ``reconstruct`` (decode pages, vLLM's kernel), ``sparse`` (attention in the
             sparse domain for decode rows), ``auto`` (the faster one for the shape).
+        adapt_atoms: E, atoms per KV block (and tensor) sampled from the block's own K/V to
+            extend the dictionary for it (:mod:`csr_vllm.codec.adaptation`); their bytes are
+            added to every slot (the pool holds fewer tokens). 0 = off (default: measured
+            gains do not pay for the bytes, see README).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -52,6 +56,7 @@ class CSRSettings(BaseModel):
     outlier_threshold: float = Field(0.0, ge=0.0)
     outlier_capacity: int = Field(4096, ge=0)
     read_path: ReadPath = "auto"
+    adapt_atoms: int = Field(0, ge=0, le=64)
 
     @field_validator("preset")
     @classmethod

@@ -33,6 +33,7 @@ def sparse_decode_attention(
     positions: Tensor, exact_k_mask: Tensor, exact_k: Tensor, exact_v_mask: Tensor,
     exact_v: Tensor,
     scale: float, pre_rope: bool, rope_theta: float,
+    k_extra: Tensor | None = None, v_extra: Tensor | None = None,
 ) -> Tensor:
     """One decode query over T coded tokens.
 
@@ -43,6 +44,9 @@ def sparse_decode_attention(
         positions: [T] token positions.
         exact_k_mask / exact_v_mask: [T, H] bool, keys / values read exactly (window, outliers,
             the query's own token); exact_k / exact_v [T, H, D] those exact vectors.
+        k_extra / v_extra: [T, H, D] or None, a dense part added to each coded vector (the
+            entries that address a block's sampled atoms; keys in the coded frame, i.e.
+            before RoPE for pre-RoPE dictionaries).
     Returns:
         [Hq, D] attention output (float32).
     """
@@ -55,12 +59,16 @@ def sparse_decode_attention(
 
     if pre_rope:
         rec = (k_coef[..., None] * key_atoms[chunk, k_idx]).sum(3).reshape(t, h, d)
+        if k_extra is not None:
+            rec = rec + k_extra.float()
         cos, sin = rope_tables(d, rope_theta, positions)
         rec = apply_rope(rec, cos[:, None], sin[:, None])
         scores = torch.einsum("thd,hgd->thg", rec, q)
     else:
         qd = torch.einsum("hgcd,cad->hcag", _chunked(q, ck), key_atoms)  # [H, Ck, A, g]
         scores = (k_coef[..., None] * qd[heads, chunk, k_idx]).sum((2, 3))  # [T, H, g]
+        if k_extra is not None:
+            scores = scores + torch.einsum("thd,hgd->thg", k_extra.float(), q)
     exact_scores = torch.einsum("thd,hgd->thg", exact_k.float(), q)
     scores = torch.where(exact_k_mask[..., None], exact_scores, scores) * scale
     p = torch.softmax(scores, dim=0)  # [T, H, g]
@@ -74,6 +82,8 @@ def sparse_decode_attention(
     bins.index_add_(0, flat.reshape(-1), src.reshape(-1, g))
     out = torch.einsum("hcag,cad->hgcd", bins.reshape(h, cv, a, g), value_atoms)
     out = out.reshape(h, g, d)
+    if v_extra is not None:
+        out = out + torch.einsum("thg,thd->hgd", coded, v_extra.float())
     out = out + torch.einsum("thg,thd->hgd", p * exact_v_mask.float()[..., None],
                              exact_v.float())
     return out.reshape(hq, d)

@@ -20,10 +20,12 @@ def worker_stats(worker: Any = None) -> dict:
         shape = rt.dicts.shape
         side = rt.side_bytes()
         st = rt.stats
+        sampled = rt.sampled_atoms()  # layer -> atoms (K + V) held in the pages
         local = rt.dicts.kv_heads * len(rt.dicts.layers)
         out = {
             "active": True,
-            "bits_per_channel": rt.dicts.config.bits_per_channel(shape.head_dim),
+            # All-in: the slot with the sampled atoms' share, as vLLM sizes the pool with it.
+            "bits_per_channel": 8 * rt.layout.slot_bytes / (2 * shape.head_dim),
             "slot_bytes": rt.layout.slot_bytes,
             "dense_slot_bytes": 4 * shape.head_dim,  # bf16 K + V
             # This worker's share (its KV heads x its layers): sum over workers for the model.
@@ -37,6 +39,10 @@ def worker_stats(worker: Any = None) -> dict:
             "window_guard_capacity_blocks": rt.window.capacity,
             "window_misses": rt.window.window_misses,
             "outlier_vectors": sum(p.occupancy() for p in rt.outliers.values()),
+            "adapt_atoms": rt.settings.adapt_atoms,
+            "sampled_atoms": sum(sampled.values()),
+            "sampled_atom_bytes": rt.sampled_atom_bytes(),
+            "sampled_atoms_per_layer": list(sampled.values()),
             "encoded_vectors": st.encoded_vectors,
             "encode_calls": st.encode_calls,
             "encode_seconds_total": st.encode_seconds_total,

@@ -14,6 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from csr_vllm.codec.adaptation import (
+    LocalAtoms,
+    adapted_bits_per_channel,
+    atom_limit,
+    encode_adaptive,
+)
 from csr_vllm.codec.config import get_preset
 from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.codec.rope import apply_rope, rope_tables, undo_rope
@@ -120,30 +126,53 @@ class CSR(KVMethod):
     whose relative reconstruction error exceeds ``guard_threshold`` are kept exact, at most the
     worst ``guard_fraction`` of them (per layer and tensor). Their cost (fp16 vector + a 32-bit
     slot id) is counted in :meth:`guard_bits_per_channel`, amortised over every coded vector.
+
+    With ``adapt = E > 0``, sampling-based adaptation as the engine does it
+    (:mod:`csr_vllm.codec.adaptation`): tokens are grouped by position into blocks of
+    ``block_size`` (vLLM's CPU block, 128), each block samples E atoms per tensor from its own
+    vectors and codes them against the dictionary and those atoms; :meth:`bits_per_channel`
+    then includes the atoms' bytes exactly as the engine's slot does.
     """
 
     def __init__(self, dicts: DictionarySet, name: str = "csr", guard_fraction: float = 0.0,
-                 guard_threshold: float = 0.0) -> None:
+                 guard_threshold: float = 0.0, adapt: int = 0, block_size: int = 128) -> None:
         if not 0.0 <= guard_fraction <= 1.0:
             raise ValueError("guard_fraction must be within [0, 1]")
+        if adapt:
+            dicts = dicts.with_codec(dicts.config.with_sampled_atoms(adapt))
         self.dicts = dicts
         self.name = name
         self.guard_fraction = guard_fraction
         self.guard_threshold = guard_threshold
+        self.adapt, self.block_size = adapt, block_size
+        # (layer, kind, dictionary head) -> block -> sampled atoms [C, E, Dc]; append-only
+        # until the block's offset 0 is coded again, as in the engine.
+        self._atoms: dict[tuple[int, str, int], dict[int, Tensor]] = {}
         self.coded = 0
         self.guarded = 0
 
     def bits_per_channel(self, head_dim: int) -> float:
+        if self.adapt:
+            return adapted_bits_per_channel(self.dicts.config, head_dim,
+                                            self.dicts.shape.num_kv_heads, self.block_size)
         return self.dicts.config.bits_per_channel(head_dim)
+
+    def sampled_atoms(self) -> int:
+        """Sampled atoms currently held (all layers, tensors and blocks)."""
+        return sum(int((a.abs().amax(-1) > 0).sum()) for blocks in self._atoms.values()
+                   for a in blocks.values())
 
     def guard_bits_per_channel(self, head_dim: int) -> float:
         """Outlier-Guard bytes so far, as bits per channel over every coded vector."""
         return self.guarded * (16 * head_dim + 32) / max(self.coded * head_dim, 1)
 
-    def _code(self, kind: str, layer: int, x: Tensor) -> Tensor:
+    def _code(self, kind: str, layer: int, x: Tensor, positions: Tensor) -> Tensor:
         """x [H, T, D] -> reconstruction, with the outlier Guard applied."""
-        y = torch.stack([self.dicts.codec(kind, layer, h).roundtrip(x[h])
-                         for h in range(x.shape[0])])
+        if self.adapt:
+            y = self._code_adaptive(kind, layer, x, positions)
+        else:
+            y = torch.stack([self.dicts.codec(kind, layer, h).roundtrip(x[h])
+                             for h in range(x.shape[0])])
         self.coded += x.shape[0] * x.shape[1]
         if self.guard_fraction > 0:
             err = (x - y).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)  # [H, T]
@@ -156,13 +185,41 @@ class CSR(KVMethod):
             self.guarded += int(keep.sum())
         return y
 
+    def _code_adaptive(self, kind: str, layer: int, x: Tensor, positions: Tensor) -> Tensor:
+        """x [H, T, D] -> reconstruction with per-block sampled atoms (shared by the heads
+        unless the dictionaries are per head)."""
+        h, t, d = x.shape
+        per_head = self.dicts.config.per_head
+        heads = [[i] for i in range(h)] if per_head else [list(range(h))]
+        y = torch.empty_like(x)
+        block, offset = positions // self.block_size, positions % self.block_size
+        blocks, tok_group = torch.unique(block, return_inverse=True)
+        last = torch.full((len(blocks),), -1, dtype=torch.long)
+        last.scatter_reduce_(0, tok_group, offset, reduce="amax")
+        starts = set(block[offset == 0].tolist())
+        for hs in heads:
+            codec = self.dicts.codec(kind, layer, hs[0])
+            store = self._atoms.setdefault((layer, kind, hs[0]), {})
+            empty = torch.zeros(codec.config.chunks, codec.config.sampled_atoms,
+                                d // codec.config.chunks)
+            atoms = torch.stack([empty if b in starts else store.get(b, empty)
+                                 for b in blocks.tolist()])
+            vecs = x[hs].transpose(0, 1).reshape(t * len(hs), d)  # token-major
+            group = tok_group.repeat_interleave(len(hs))
+            limit = atom_limit(last, self.block_size, codec.config.sampled_atoms)
+            code, atoms = encode_adaptive(codec, vecs, group, atoms, limit)
+            rec = codec.decode(code, LocalAtoms(atoms, group)).to(x.dtype)
+            y[hs] = rec.reshape(t, len(hs), d).transpose(0, 1)
+            store.update(zip(blocks.tolist(), atoms, strict=True))
+        return y
+
     def compress(self, layer, keys, values, positions):
         shape = self.dicts.shape
         if self.dicts.config.key_rope == "pre":
             cos, sin = rope_tables(shape.head_dim, shape.rope_theta, positions, keys.dtype)
             keys = undo_rope(keys, cos, sin)
-        k_hat = self._code("key", layer, keys)
-        v_hat = self._code("value", layer, values)
+        k_hat = self._code("key", layer, keys, positions)
+        v_hat = self._code("value", layer, values, positions)
         if self.dicts.config.key_rope == "pre":
             k_hat = apply_rope(k_hat, cos, sin)
         return k_hat, v_hat
@@ -184,15 +241,35 @@ def make_method(name: str, dict_dir: str | Path | None = None,
     if name.startswith("csr"):
         if dict_dir is None:
             raise ValueError(f"method {name} needs --dict DIR (a trained dictionary)")
-        # "csr-2b+outliers=0.02": the outlier Guard keeps the worst 2% of vectors exact.
-        base, _, extra = name.partition("+outliers=")
-        try:
-            fraction = float(extra) if extra else 0.0
-        except ValueError:
-            raise ValueError(f"bad outlier fraction in {name!r} (e.g. csr-2b+outliers=0.02)") \
-                from None
+        # "csr-2b+outliers=0.02": the outlier Guard keeps the worst 2% of vectors exact;
+        # "csr-1b+adapt=3": 3 atoms per block and tensor sampled from the K/V being coded.
+        base, options = _csr_options(name)
         dicts = DictionarySet.load(dict_dir, expect=shape)
         if base != "csr":  # a preset applied to the dictionary's atoms
             dicts = dicts.with_codec(get_preset(base).config_for(dicts.shape.head_dim))
-        return CSR(dicts, name, guard_fraction=fraction)
+        return CSR(dicts, name, guard_fraction=options.get("outliers", 0.0),
+                   adapt=int(options.get("adapt", 0)))
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(PEERS)}, csr-<preset>")
+
+
+CSR_OPTIONS = {"outliers": float, "adapt": int}
+
+
+def _csr_options(name: str) -> tuple[str, dict[str, float]]:
+    """``csr-2b+outliers=0.02+adapt=3`` -> ("csr-2b", {"outliers": 0.02, "adapt": 3})."""
+    base, *parts = name.split("+")
+    options: dict[str, float] = {}
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key not in CSR_OPTIONS:
+            raise ValueError(f"unknown option {key!r} in {name!r}; valid: "
+                             f"{', '.join(CSR_OPTIONS)} (e.g. csr-2b+outliers=0.02+adapt=3)")
+        try:
+            options[key] = CSR_OPTIONS[key](value)
+        except ValueError:
+            what = "outlier fraction" if key == "outliers" else f"{key} value"
+            raise ValueError(f"bad {what} in {name!r} (e.g. csr-2b+outliers=0.02+adapt=3)") \
+                from None
+        if options[key] < 0:
+            raise ValueError(f"{key} must be >= 0 in {name!r}")
+    return base, options
