@@ -165,7 +165,7 @@ def run_method(method: str, args: argparse.Namespace, model: Path, dict_dir: str
 
     from csr_vllm.server.launch import ServerProcess, get_json
 
-    env = {"TOKENIZERS_PARALLELISM": "false", "CSR_VLLM_METRICS_INTERVAL_S": "1"}
+    env = {"TOKENIZERS_PARALLELISM": "false"}
     with ServerProcess(str(model), server_flags(method, args, dict_dir, max_len), env) as srv:
         stats = get_json(srv.base + "/csr/stats") if method != "bf16" else None
         rows = []

@@ -1,19 +1,24 @@
 """vLLM general plugin: selects the CSR backend and adds the ``--kv-cache-backend`` flags.
 
 Loaded by vLLM in every process through the ``vllm.general_plugins`` entry point, so
-:func:`register` must be idempotent. It does two things:
+:func:`register` must be idempotent. vLLM has no public API for what it needs, so it wraps a few
+vLLM 0.32 internals (pinned), all in this module, each guarded against applying twice and
+checked by ``tests/test_plugin.py``:
 
-1. Backend selection. vLLM's CPU platform ignores ``--attention-backend`` for non-MLA models,
-   so we wrap ``CpuPlatform.get_attn_backend_cls``: when ``additional_config`` selects
-   ``kv_cache_backend: csr`` it loads and validates the dictionaries, configures
-   :class:`~csr_vllm.engine.backend.CSRAttentionBackend` and returns its path; otherwise it
-   calls vLLM's own method untouched (stock behaviour without the flag).
-2. CLI flags. vLLM has no public API for a plugin's flags; ``vllm serve`` loads general plugins
-   inside ``AsyncEngineArgs.add_cli_args`` just before ``EngineArgs.add_cli_args`` runs, so we
-   wrap that static method to add our group, and ``EngineArgs.from_cli_args`` to fold the
-   flags into ``additional_config`` (the field every process receives). Both wraps are the
-   only patches of vLLM internals in this project; vLLM is pinned (0.32) and
-   ``tests/test_plugin.py`` checks they applied.
+1. Backend selection. ``CpuPlatform.get_attn_backend_cls`` (the CPU platform ignores
+   ``--attention-backend`` for non-MLA models) and, on CUDA installs,
+   ``CudaPlatformBase.get_attn_backend_cls``: when ``additional_config`` selects
+   ``kv_cache_backend: csr`` they load and validate the dictionaries (sharded to this worker's
+   layers and KV heads under tensor/pipeline parallelism), configure the CSR backend and
+   return its path; otherwise vLLM's own method runs untouched (stock behaviour).
+2. ``CpuPlatform.check_and_update_config``: validates the settings in the front process and
+   installs the worker extension behind ``collective_rpc("csr_stats")``.
+3. CLI flags: ``vllm serve`` loads general plugins inside ``AsyncEngineArgs.add_cli_args`` just
+   before ``EngineArgs.add_cli_args`` runs, so that static method is wrapped to add the
+   ``CSR KV cache`` group, and ``EngineArgs.from_cli_args`` to fold the flags into
+   ``additional_config`` (the field every process receives).
+4. Pipeline parallel on CPU with eager execution: the receive buffer vLLM 0.32 never
+   allocates (CSR workers only; see :func:`_patch_pp_receive_buffer`).
 """
 
 from __future__ import annotations
@@ -113,6 +118,10 @@ def _configure_backend(settings: CSRSettings) -> None:
             getattr(par, "prefill_context_parallel_size", 1) > 1:
         raise NotImplementedError("CSR with context parallelism (KV split over tokens) is not "
                                   "supported; tensor and pipeline parallelism are")
+    # Record the folder actually loaded (the default one when none was given): /csr/stats
+    # reports it and its hash.
+    settings = settings.model_copy(update={
+        "dictionary": dictionary_folder(settings, vllm_config.model_config.model)})
     dicts = load_dictionaries(settings, vllm_config.model_config.hf_config,
                               vllm_config.model_config.model)
     # Tensor/pipeline parallel: keep only this worker's layers and KV heads (the full set is
@@ -154,23 +163,31 @@ def _patch_pp_receive_buffer() -> None:
     CPUModelRunner.initialize_kv_cache = initialize_kv_cache
 
 
+def dictionary_folder(settings: CSRSettings, model: str) -> str:
+    """The dictionary folder ``settings`` names, or the default model's cached one."""
+    from csr_vllm.codec.dictionary import DictionaryError
+
+    if settings.dictionary is not None:
+        return settings.dictionary
+    from csr_vllm.defaults import DEFAULT_DICT_NAME
+    from csr_vllm.paths import cache_root
+
+    folder = str(cache_root() / "dicts" / Path(model).name / DEFAULT_DICT_NAME)
+    if not Path(folder).is_dir():
+        raise DictionaryError(
+            f"no CSR dictionary given and no default dictionary for {model} at {folder}; "
+            f"train one with `csr-vllm train-dict --model {model} --out DIR` and pass "
+            "--csr-dict DIR")
+    return folder
+
+
 def load_dictionaries(settings: CSRSettings, hf_config, model: str):
     """Load, validate and apply the preset: the dictionaries the engine will use."""
     from csr_vllm.codec.config import get_preset
-    from csr_vllm.codec.dictionary import DictionaryError, DictionarySet, ModelShape
+    from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 
     shape = ModelShape.from_hf_config(hf_config)
-    folder = settings.dictionary
-    if folder is None:
-        from csr_vllm.defaults import DEFAULT_DICT_NAME
-        from csr_vllm.paths import cache_root
-
-        folder = str(cache_root() / "dicts" / Path(model).name / DEFAULT_DICT_NAME)
-        if not Path(folder).is_dir():
-            raise DictionaryError(
-                f"no CSR dictionary given and no default dictionary for {model} at {folder}; "
-                f"train one with `csr-vllm train-dict --model {model} --out DIR` and pass "
-                "--csr-dict DIR")
+    folder = dictionary_folder(settings, model)
     dicts = DictionarySet.load(folder, expect=shape)
     if settings.preset is not None:  # with_codec refuses a dictionary it does not fit
         dicts = dicts.with_codec(get_preset(settings.preset).config_for(shape.head_dim))

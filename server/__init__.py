@@ -11,5 +11,5 @@ is a vLLM *endpoint plugin* (entry point ``vllm.endpoint_plugins: csr_vllm_serve
 Worker-side numbers come from the workers through ``collective_rpc("csr_stats")`` (the worker
 method the general plugin installs); nothing is estimated in the API process. Modules:
 ``aggregate`` (worker dicts -> one report, pure), ``metrics`` (the Prometheus side) and
-``plugin`` (routes, API-key check, the metrics poller).
+``plugin`` (routes, API-key check, refreshing the metrics when /metrics is scraped).
 """

@@ -9,7 +9,7 @@ to multiprocess mode): every process polls the same engine, so
 * cumulative series (the encode-time histogram, the encoded-vectors counter), which
   multiprocess mode *sums* over processes, are written by API server 0 only.
 
-Counters and the histogram mirror the workers' cumulative totals exactly: the poller adds the
+Counters and the histogram mirror the workers' cumulative totals exactly: each refresh adds the
 difference since its last poll to each bucket and to the sum (prometheus_client has no public
 "add n observations to bucket i"; ``_buckets``/``_sum`` are the values ``observe`` itself
 increments). A restarted engine (totals going down) restarts the mirror from the new totals.

@@ -9,6 +9,7 @@ API key, the metrics. Each server starts once (~40 s here).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.slow
 KEY = "test-key"
 BLOCKS = 8  # x 128 tokens: far fewer than the overload test asks for at once
 MAX_LEN = 512
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 def metrics_text(base: str) -> str:
@@ -48,7 +49,7 @@ def server(model_dir, default_dict):
              "--max-model-len", str(MAX_LEN), "--num-gpu-blocks-override", str(BLOCKS),
              "--max-num-seqs", "16", "--api-key", KEY, "--served-model-name", "smollm2",
              "--enforce-eager"]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "CSR_VLLM_METRICS_INTERVAL_S": "0.5",
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "CSR_VLLM_METRICS_MIN_INTERVAL_S": "0",
            "TOKENIZERS_PARALLELISM": "false"}
     with ServerProcess(str(model_dir), flags, env) as srv:
         yield srv
@@ -66,10 +67,10 @@ def client(server):
 @pytest.fixture(scope="module")
 def passages(tokenizer, eval_text):
     """Held-out passages of ~115 tokens: one 128-token block for the prompt, a second one
-    during decoding, so 12 at once need three times the pool and running requests get
-    preempted when they cross the block boundary."""
+    during decoding, so 8 at once need twice the pool and running requests get preempted
+    when they cross the block boundary."""
     ids = tokenizer(eval_text[:60000])["input_ids"]
-    return [tokenizer.decode(ids[i * 400:i * 400 + 115]) for i in range(12)]
+    return [tokenizer.decode(ids[i * 400:i * 400 + 115]) for i in range(8)]
 
 
 def run(coro):
@@ -100,43 +101,82 @@ def test_stats_report_the_pool_and_require_the_api_key(server):
     assert int(info["num_gpu_blocks"]) == BLOCKS
 
 
-def test_overload_completes_every_request_as_run_alone(server, client, passages):
+async def overload(base: str, make_client, passages: list[str]) -> dict:
+    """The passages one at a time, then all at once while /metrics is watched."""
     import httpx
 
-    async def one_at_a_time():
-        c = client()
-        return [await complete(c, p) for p in passages]
-
-    serial = run(one_at_a_time())
-    before = families(server.base)
+    c = make_client()
+    serial = [await complete(c, p) for p in passages]
+    before = families(base)
     waiting: list[float] = []
+    done = asyncio.Event()
 
-    async def burst():
-        async def watch(done: asyncio.Event) -> None:
-            async with httpx.AsyncClient() as http:
-                while not done.is_set():
-                    text = (await http.get(server.base + "/metrics")).text
-                    waiting.extend(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
-                                   if ln.startswith("vllm:num_requests_waiting{"))
-                    await asyncio.sleep(0.2)
+    async def watch() -> None:
+        async with httpx.AsyncClient(timeout=60) as http:
+            while not done.is_set():
+                text = (await http.get(base + "/metrics")).text
+                waiting.extend(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+                               if ln.startswith("vllm:num_requests_waiting{"))
+                await asyncio.sleep(0.2)
 
-        done = asyncio.Event()
-        watcher = asyncio.create_task(watch(done))
-        c = client()
-        outs = await asyncio.gather(*(complete(c, p) for p in passages))
-        done.set()
-        await watcher
-        return outs
+    watcher = asyncio.create_task(watch())
+    together = await asyncio.gather(*(complete(c, p) for p in passages))
+    done.set()
+    await watcher
+    after = families(base)
+    return {"serial": serial, "together": together, "max_waiting": max(waiting),
+            "preempted": sample(after, "vllm:num_preemptions", "_total")
+            - sample(before, "vllm:num_preemptions", "_total"),
+            "succeeded": sample(after, "vllm:request_success", "_total")
+            - sample(before, "vllm:request_success", "_total")}
 
-    together = run(burst())
-    after = families(server.base)
-    assert together == serial
-    # The burst really overloaded the pool: requests queued and running ones were preempted.
-    assert max(waiting) > 0
-    assert sample(after, "vllm:num_preemptions", "_total") > \
-        sample(before, "vllm:num_preemptions", "_total")
-    assert sample(after, "vllm:request_success", "_total") - \
-        sample(before, "vllm:request_success", "_total") == len(passages)
+
+@pytest.fixture
+def exact_server(model_dir, tmp_path_factory):
+    """The lossless identity dictionary in float32: CSR's whole path (encode, pages, Guard,
+    decode) with nothing lost, in the one dtype where vLLM's CPU engine is itself batch
+    invariant (measured with 12 passages x 24 tokens: stock vLLM gives 12/12 outputs equal
+    serial vs overloaded in float32, 8/12 in bf16, where preemption recompute and batch shape
+    change the rounding)."""
+    from transformers import AutoConfig
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+
+    folder = tmp_path_factory.mktemp("identity")
+    identity_dictionary(ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))) \
+        .save(folder)
+    config = {"kv_cache_backend": "csr", "csr": {"dict": str(folder), "preset": None}}
+    flags = ["--additional-config", json.dumps(config), "--dtype", "float32",
+             "--max-model-len", str(MAX_LEN), "--num-gpu-blocks-override", str(BLOCKS),
+             "--max-num-seqs", "16", "--served-model-name", "smollm2", "--enforce-eager"]
+    with ServerProcess(str(model_dir), flags, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
+        yield srv
+
+
+def test_overload_outputs_equal_one_at_a_time(exact_server, passages):
+    from openai import AsyncOpenAI
+
+    res = run(overload(exact_server.base, lambda: AsyncOpenAI(
+        base_url=exact_server.base + "/v1", api_key="x", max_retries=0, timeout=600),
+        passages))
+    assert res["together"] == res["serial"]
+    # It was overload: requests queued, running ones were preempted, none was lost.
+    assert res["max_waiting"] > 0 and res["preempted"] > 0
+    assert res["succeeded"] == len(passages)
+
+
+@pytest.mark.heavy
+def test_overload_with_csr_2b_loses_no_request(server, client, passages, record_property):
+    """csr-2b in bf16 under the same overload: every request completes (no 5xx: the client
+    raises on any); outputs are compared and reported, not required equal, since stock vLLM
+    itself is not batch invariant in bf16 on this CPU build (see exact_server)."""
+    res = run(overload(server.base, client, passages))
+    assert res["max_waiting"] > 0 and res["preempted"] > 0
+    assert res["succeeded"] == len(passages)
+    same = sum(a == b for a, b in zip(res["serial"], res["together"], strict=True))
+    record_property("csr2b_overload_equal_outputs", f"{same}/{len(passages)}")
+    print(f"csr-2b bf16 overload: {same}/{len(passages)} outputs equal to one at a time")
 
 
 def test_over_long_prompt_gets_a_400(client):
@@ -188,15 +228,14 @@ def test_cancel_and_disconnect_leave_no_blocks(server, client, passages):
 
 def test_metrics_parse_and_carry_every_csr_metric(server, client, passages):
     run(complete(client, passages[1]))
-    time.sleep(1.5)  # one refresh of the poller
+    st = get_json(server.base + "/csr/stats", KEY)  # also refreshes the metrics
     fams = families(server.base)
     want = set(GAUGES) | {"csr:encode_seconds", "csr:encoded_vectors"}
     assert want <= set(fams), sorted(want - set(fams))
-    st = get_json(server.base + "/csr/stats", KEY)
     assert sample(fams, "csr:compression_ratio") == pytest.approx(st["compression_ratio"])
     assert sample(fams, "csr:kv_capacity_tokens") == st["kv_capacity_tokens"]
     assert sample(fams, "csr:encode_seconds", "_count") > 0
-    # The poller mirrors the workers' totals exactly (no request ran since the last refresh).
+    # The metrics mirror the workers' totals exactly (no request ran since /csr/stats).
     assert sample(fams, "csr:encode_seconds", "_count") == st["encode"]["calls"]
     assert sample(fams, "csr:encoded_vectors", "_total") == st["encode"]["vectors"]
     for fam in fams.values():
@@ -220,3 +259,30 @@ def test_mismatched_dictionary_exits_before_listening(model_dir, tmp_path):
     assert "made for another model" in log and "num_layers: dictionary has 12" in log
     assert "Starting vLLM server" not in log and "Uvicorn running" not in log
 
+
+
+@pytest.mark.heavy
+def test_metrics_stay_right_with_two_api_servers(model_dir, default_dict, passages):
+    """--api-server-count 2 (vLLM's Prometheus multiprocess mode): one value per gauge, and
+    the cumulative series counted once although both API processes poll the workers."""
+    from openai import AsyncOpenAI
+
+    flags = ["--kv-cache-backend", "csr", "--csr-dict", default_dict, "--csr-preset", "csr-2b",
+             "--max-model-len", str(MAX_LEN), "--enforce-eager", "--api-server-count", "2",
+             "--served-model-name", "smollm2"]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "CSR_VLLM_METRICS_MIN_INTERVAL_S": "0"}
+    with ServerProcess(str(model_dir), flags, env) as srv:
+        async def burst():
+            c = AsyncOpenAI(base_url=srv.base + "/v1", api_key="x", max_retries=0)
+            return await asyncio.gather(*(complete(c, p) for p in passages[:6]))
+
+        run(burst())
+        for _ in range(4):  # scrapes land on either API process; refreshes run behind them
+            families(srv.base)
+            time.sleep(1)
+        st = get_json(srv.base + "/csr/stats")
+        fams = families(srv.base)
+    ratio = [s for s in fams["csr:compression_ratio"].samples]
+    assert len(ratio) == 1 and ratio[0].value == pytest.approx(8.0)
+    assert sample(fams, "csr:encode_seconds", "_count") == st["encode"]["calls"]
+    assert sample(fams, "csr:encoded_vectors", "_total") == st["encode"]["vectors"]

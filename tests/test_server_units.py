@@ -121,3 +121,59 @@ def test_launcher_allowlists_the_endpoint_plugin_only_for_csr():
 def test_capacity_line():
     line = capacity_line(aggregate([worker()], 10, 128))
     assert "1,280 tokens with csr-2b" in line and "160 tokens in bf16" in line and "8.0x" in line
+
+
+class _Engine:
+    """The two things CSRServerState reads from vLLM's engine client, counted."""
+
+    class _Processor:
+        unfinished = 0
+
+        def get_num_unfinished_requests(self) -> int:
+            return self.unfinished
+
+    class _Cache:
+        num_gpu_blocks, block_size = 10, 128
+
+    class _Config:
+        pass
+
+    def __init__(self) -> None:
+        self.rpcs = 0
+        self.output_processor = self._Processor()
+        self.vllm_config = self._Config()
+        self.vllm_config.cache_config = self._Cache()
+
+    async def collective_rpc(self, method: str, timeout: float | None = None):
+        assert method == "csr_stats"
+        self.rpcs += 1
+        return [worker(encode_calls=self.rpcs)]
+
+
+def test_scrapes_refresh_only_when_something_can_have_changed():
+    """A vLLM worker busy-polls for a second after each RPC: an idle server must not be
+    asked at every scrape."""
+    import asyncio
+
+    from csr_vllm.server.plugin import CSRServerState
+
+    eng = _Engine()
+    reg = CollectorRegistry()
+    state = CSRServerState(eng, [], CSRMetrics("m", ENCODE_BUCKETS, True, reg), min_interval=0)
+
+    async def scrapes(n: int) -> None:
+        for _ in range(n):
+            await state.refresh_for_scrape(wait=True)
+
+    asyncio.run(scrapes(3))
+    assert eng.rpcs == 1  # first scrape; then idle, nothing new
+    state.activity += 1  # a request came in
+    asyncio.run(scrapes(2))
+    assert eng.rpcs == 2
+    eng.output_processor.unfinished = 1  # a request in flight: every scrape refreshes
+    asyncio.run(scrapes(2))
+    assert eng.rpcs == 4
+    assert value(scrape(reg), "csr:encode_seconds_count") == 10  # from the last report
+    throttled = CSRServerState(eng, [], None, min_interval=3600)
+    asyncio.run(throttled.refresh_for_scrape(wait=True))  # no metrics here: no RPC
+    assert eng.rpcs == 4

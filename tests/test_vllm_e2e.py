@@ -59,13 +59,6 @@ def identity_dict(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="session")
-def default_dict(model_dir):
-    from csr_vllm.defaults import default_dictionary
-
-    return str(default_dictionary(model_dir))
-
-
-@pytest.fixture(scope="session")
 def scenario(model_dir, prompts, identity_dict, default_dict):
     """scenario(name) -> that engine's results (each engine starts once per session)."""
     # 6 blocks of 128 tokens: the prompts need 11 at once and one more each while decoding.

@@ -163,6 +163,10 @@ class WindowGuard:
         """Block copies in use."""
         return int((self.slot_block >= 0).sum())
 
+    def tokens(self) -> int:
+        """Exact tokens the window holds (valid slots of the block copies in use)."""
+        return int(self.valid[self.slot_block >= 0].sum())
+
 
 class OutlierGuard:
     """Exact copies of badly coded vectors of one layer's K or V (see module docstring)."""

@@ -8,6 +8,8 @@ one dict per worker: the numbers come from the workers, never from guesses in th
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 
@@ -33,6 +35,12 @@ def worker_stats(worker: Any = None) -> dict:
             "dense_bytes_per_token": 4 * shape.head_dim * local,
             **_parallel_share(rt.dicts),
             "side_bytes": side,
+            "preset": rt.settings.preset,
+            "dictionary_path": rt.settings.dictionary,
+            "dictionary_sha256": _tensors_sha256(rt.settings.dictionary),
+            "block_size": rt.block_size,
+            "window_guard_tokens": rt.window.tokens(),
+            "outlier_vectors_per_layer": _outliers_per_layer(rt),
             "window_guard_blocks": rt.window.occupancy(),
             "window_guard_bytes_allocated": rt.window.nbytes,
             "scratch_bytes_peak": st.scratch_bytes_peak,
@@ -49,8 +57,28 @@ def worker_stats(worker: Any = None) -> dict:
             "encode_buckets": list(st.encode_buckets),
             "encode_bucket_counts": list(st.encode_bucket_counts),
             "reconstruction_rel_error_mean": st.rel_error_sum / max(st.rel_error_count, 1),
+            "reconstruction_rel_error_samples": st.rel_error_count,
+            "guard_window": rt.settings.guard_window,
         }
     return out
+
+
+def _tensors_sha256(folder: str | None) -> str | None:
+    """The dictionary's tensor hash from its manifest (checked against the file at load)."""
+    if folder is None:
+        return None
+    try:
+        return json.loads((Path(folder) / "manifest.json").read_text()).get("tensors_sha256")
+    except (OSError, ValueError):
+        return None
+
+
+def _outliers_per_layer(rt: Any) -> list[int]:
+    """Exact outlier vectors held per layer (K and V pools together)."""
+    counts: dict[int, int] = {}
+    for (layer, _kind), pool in rt.outliers.items():
+        counts[layer] = counts.get(layer, 0) + pool.occupancy()
+    return [counts.get(layer, 0) for layer in sorted(counts)] if counts else []
 
 
 def _parallel_share(dicts: Any) -> dict[str, Any]:
