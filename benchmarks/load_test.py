@@ -96,10 +96,10 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.base, self.period = base, period
         self.max_running = self.max_waiting = self.max_usage = 0.0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             try:
                 m = scrape(self.base)
                 self.max_running = max(self.max_running, m.get("vllm:num_requests_running", 0))
@@ -107,10 +107,10 @@ class Sampler(threading.Thread):
                 self.max_usage = max(self.max_usage, m.get("vllm:kv_cache_usage_perc", 0))
             except OSError:
                 pass
-            self._stop.wait(self.period)
+            self._halt.wait(self.period)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

@@ -36,6 +36,22 @@ def seed():
     return s
 
 
+def _assert_float32_noise(got: torch.Tensor, ref64: torch.Tensor, ref32: torch.Tensor,
+                          msg: str) -> None:
+    """The kernel may differ from the float64 reference only as much as float32 rounding does.
+
+    The bound is 2x the float32 reference's own error, floored at 4 ulps of the output scale:
+    one max over a few hundred values can land far below the typical rounding error (seed
+    147329561 put the reference at 7.7e-8 and the kernel, summing in another order, at 1.6e-7,
+    both under one ulp of 1.0), so without the floor the test failed by chance.
+    """
+    err = (got.cpu().double().reshape(ref64.shape) - ref64).abs().max().item()
+    ref_err = (ref32.double() - ref64).abs().max().item()
+    floor = 4 * torch.finfo(torch.float32).eps * max(ref64.abs().max().item(), 1.0)
+    assert err <= max(2 * ref_err, floor), f"{msg}: kernel error {err:.3g}, float32 reference " \
+        f"{ref_err:.3g}, floor {floor:.3g}"
+
+
 def _atoms(c, a, dc):
     x = torch.randn(c, a, dc, dtype=torch.float64)
     return (x / x.norm(dim=-1, keepdim=True)).float().to(DEV)
@@ -206,10 +222,7 @@ def _decode_case(seed, coef, kcs, vcs, rope, seq_lens, n_tail, h, g, d, a, bs, s
             _cpu_codec(kcod), _cpu_codec(vcod), scale, rope == "pre", THETA)
     ref64 = sparse_decode_reference(*args, dtype=torch.float64)
     ref32 = sparse_decode_reference(*args, dtype=torch.float32)
-    err = (out.cpu().double() - ref64).abs().max().item()
-    ref_err = (ref32.double() - ref64).abs().max().item()
-    assert err <= 2 * ref_err, f"seed {seed}: kernel error {err:.3g}, float32 reference {ref_err:.3g}"
-    return err, ref_err
+    _assert_float32_noise(out, ref64, ref32, f"seed {seed}")
 
 
 @pytest.mark.parametrize("coef, kcs, vcs, rope", DECODE_CASES)
@@ -251,9 +264,7 @@ def test_decode_pages_matches_reference(seed, coef, kcs, vcs, rope):
     k64, v64 = decode_pages_reference(*args, torch.float64)
     k32, v32 = decode_pages_reference(*args, torch.float32)
     for got, r64, r32 in ((k_out, k64, k32), (v_out, v64, v32)):
-        err = (got.cpu().double() - r64).abs().max().item()
-        ref_err = (r32.double() - r64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-12, f"seed {seed}: {err:.3g} vs {ref_err:.3g}"
+        _assert_float32_noise(got, r64, r32, f"seed {seed}")
 
 
 def test_custom_ops_fake_impls_and_schema(seed):
@@ -339,9 +350,7 @@ def test_cuda_backend_write_and_decode_glue(seed):
             nk.cpu()[:, None], nv.cpu()[:, None], *codecs, d ** -0.5, True, THETA)
     ref64 = sparse_decode_reference(*args, dtype=torch.float64)
     ref32 = sparse_decode_reference(*args, dtype=torch.float32)
-    err = (out.cpu().double().reshape(ref64.shape) - ref64).abs().max().item()
-    ref_err = (ref32.double() - ref64).abs().max().item()
-    assert err <= 2 * ref_err, f"seed {seed}: {err:.3g} vs {ref_err:.3g}"
+    _assert_float32_noise(out, ref64, ref32, f"seed {seed}")
 
 
 def types_meta(n, positions, num_decodes=0, block_table=None, seq_lens=None, seq_lens_cpu=None,

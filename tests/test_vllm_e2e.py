@@ -84,6 +84,11 @@ def scenario(model_dir, prompts, identity_dict, default_dict):
                                "engine": pressured},
         "csr-2b-pressured": {"csr": {"dict": default_dict, "preset": "csr-2b"},
                              "engine": pressured},
+        # Sampling-based adaptation (3 atoms per block and tensor, in the block's own page):
+        # preemption, prefix hits and block reuse must not leave stale atoms behind.
+        "csr-2b-adapt": {"csr": {"dict": default_dict, "preset": "csr-2b", "adapt_atoms": 3}},
+        "csr-2b-adapt-pressured": {"csr": {"dict": default_dict, "preset": "csr-2b",
+                                           "adapt_atoms": 3}, "engine": pressured},
     }
 
     @cache
@@ -350,3 +355,26 @@ def test_csr_2b_under_tensor_and_pipeline_parallel(scenario, parallel_scenario,
         if pp > 1:
             assert res["outputs"] == ref["outputs"]
         assert rate > 0.85
+
+
+@pytest.mark.heavy
+def test_adaptation_through_the_engine(scenario, record_property):
+    """csr-2b with 3 sampled atoms per block: the slot grows by their share (2 bytes), the
+    atoms are used, and under preemption + prefix caching (blocks freed, reused, shared)
+    every request completes and agrees with the unpressured run as csr-2b itself does."""
+    base, pressured = scenario("csr-2b-adapt"), scenario("csr-2b-adapt-pressured")
+    stats = base["csr"]
+    assert stats["slot_bytes"] == 34 and stats["bits_per_channel"] == 34 * 8 / 128
+    assert stats["sampled_atoms"] > 0 and len(stats["sampled_atoms_per_layer"]) == 30
+    assert stats["sampled_atom_bytes"] == stats["sampled_atoms"] * 64 * 2
+    assert base["num_blocks"] / scenario("csr-2b")["num_blocks"] == pytest.approx(32 / 34,
+                                                                                 rel=0.01)
+    assert base["outputs"][:2] == scenario("bf16")["outputs"][:2]  # inside the window
+    assert pressured["preemptions"] > 0
+    assert all(len(o) == MAX_TOKENS for o in pressured["outputs"])
+    rate = agreement(pressured["outputs"][: len(base["outputs"])], base["outputs"])
+    vs_bf16 = agreement(base["outputs"], scenario("bf16")["outputs"])
+    record_property("csr2b_adapt_pressured_agreement", rate)
+    record_property("csr2b_adapt_bf16_agreement", vs_bf16)
+    print(f"csr-2b+adapt=3: {vs_bf16:.1%} agreement with bf16, {rate:.1%} pressured vs not")
+    assert rate > 0.5 and vs_bf16 > 0.5
