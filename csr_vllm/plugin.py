@@ -62,6 +62,13 @@ def register() -> None:
 
 
 # -- backend selection -------------------------------------------------------------------------
+def _refuse_mla(attn_selector_config) -> None:
+    if attn_selector_config.use_mla or getattr(attn_selector_config, "use_sparse", False):
+        raise NotImplementedError(
+            "the CSR KV cache does not support MLA / sparse-attention models; run this "
+            "model without --kv-cache-backend csr")
+
+
 def _patch_platform() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
@@ -77,10 +84,7 @@ def _patch_platform() -> None:
         settings = settings_from_additional_config(get_current_vllm_config().additional_config)
         if settings is None:
             return func(cls, selected_backend, attn_selector_config, num_heads)
-        if attn_selector_config.use_mla or getattr(attn_selector_config, "use_sparse", False):
-            raise NotImplementedError(
-                "the CSR KV cache does not support MLA / sparse-attention models; run this "
-                "model without --kv-cache-backend csr")
+        _refuse_mla(attn_selector_config)
         _configure_backend(settings)
         return BACKEND_PATH
 
@@ -239,10 +243,7 @@ def wrap_cuda_selection(platform_cls) -> None:
         settings = settings_from_additional_config(get_current_vllm_config().additional_config)
         if settings is None:
             return func(cls, selected_backend, attn_selector_config, num_heads)
-        if attn_selector_config.use_mla or getattr(attn_selector_config, "use_sparse", False):
-            raise NotImplementedError(
-                "the CSR KV cache does not support MLA / sparse-attention models; run this "
-                "model without --kv-cache-backend csr")
+        _refuse_mla(attn_selector_config)
         if selected_backend not in (None, AttentionBackendEnum.CUSTOM):
             raise ValueError(f"--kv-cache-backend csr brings its own attention backend; drop "
                              f"--attention-backend {selected_backend.name} (or pass CUSTOM)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import weakref
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 from vllm import _custom_ops as ops
@@ -42,48 +41,21 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.backend_spec import CSRBackendSpec
 from csr_vllm.engine.guard import OutlierGuard
-from csr_vllm.engine.page_layout import SlotLayout, with_adaptation
+from csr_vllm.engine.page_layout import with_adaptation
 from csr_vllm.engine.runtime import CSRRuntime, StepPlan
 from csr_vllm.engine.settings import CSRSettings
 
 logger = init_logger("vllm.csr_vllm.backend")
 
 
-class CSRAttentionBackend(CPUAttentionBackend):
+class CSRAttentionBackend(CSRBackendSpec, CPUAttentionBackend):
     """CPU attention over CSR index/weight pages."""
-
-    # Set by csr_vllm.plugin when the platform selects this backend (one engine per process).
-    dicts: ClassVar[DictionarySet | None] = None
-    settings: ClassVar[CSRSettings | None] = None
-
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
     @classmethod
     def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
-        cls.dicts, cls.settings = with_adaptation(dicts, settings.adapt_atoms), settings
-
-    @classmethod
-    def layout(cls, block_size: int | None = None) -> SlotLayout:
-        """The slot; with sampled atoms their share depends on the block size."""
-        if cls.dicts is None:
-            raise RuntimeError("CSR backend used before csr_vllm.plugin configured it")
-        return SlotLayout.of(cls.dicts, block_size)
-
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        if spec.state_content_bytes is not None:
-            return spec
-        return dataclasses.replace(spec, dtype=torch.uint8,
-                                   state_content_bytes=cls.layout(spec.block_size).slot_bytes)
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
+        super().configure(with_adaptation(dicts, settings.adapt_atoms), settings)
 
     @staticmethod
     def get_impl_cls() -> type[CSRAttentionImpl]:

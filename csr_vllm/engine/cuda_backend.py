@@ -50,7 +50,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 import csr_vllm.ops.library  # noqa: F401  (registers torch.ops.csr.*)
 from csr_vllm.codec.dictionary import DictionarySet
-from csr_vllm.engine.page_layout import SlotLayout
+from csr_vllm.engine.backend_spec import CSRBackendSpec
 from csr_vllm.engine.settings import CSRSettings
 from csr_vllm.ops.code_format import CodeFormat
 
@@ -72,42 +72,17 @@ def check_cuda_support(dicts: DictionarySet, settings: CSRSettings) -> None:
                     "reconstruct path too")
 
 
-class CSRCudaBackend(TritonAttentionBackend):
+class CSRCudaBackend(CSRBackendSpec, TritonAttentionBackend):
     """vLLM's Triton backend over CSR index/weight pages."""
-
-    dicts: ClassVar[DictionarySet | None] = None
-    settings: ClassVar[CSRSettings | None] = None
-    supported_kv_cache_dtypes: ClassVar[list] = ["auto"]
 
     @classmethod
     def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
         check_cuda_support(dicts, settings)
-        cls.dicts, cls.settings = dicts, settings
-
-    @classmethod
-    def layout(cls) -> SlotLayout:
-        if cls.dicts is None:
-            raise RuntimeError("CSR CUDA backend used before csr_vllm.plugin configured it")
-        return SlotLayout.of(cls.dicts)
-
-    @classmethod
-    def customize_spec(cls, spec: AttentionSpec) -> AttentionSpec:
-        if spec.state_content_bytes is not None:
-            return spec
-        return dataclasses.replace(spec, dtype=torch.uint8,
-                                   state_content_bytes=cls.layout().slot_bytes)
-
-    @classmethod
-    def supports_sliding_window(cls) -> bool:
-        return False
+        super().configure(dicts, settings)
 
     @classmethod
     def supports_sink(cls) -> bool:
         return False
-
-    @classmethod
-    def supports_attn_type(cls, attn_type: str) -> bool:
-        return attn_type == AttentionType.DECODER
 
     @staticmethod
     def get_impl_cls() -> type[CSRCudaImpl]:
