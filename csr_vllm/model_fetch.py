@@ -9,7 +9,6 @@ written last, so a partial or corrupted cache is detected and rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -19,6 +18,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from csr_vllm.files import sha256_file
 from csr_vllm.paths import cache_root
 
 
@@ -41,17 +41,9 @@ SMOLLM2 = ModelSource(
 MARKER = ".complete"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _digest_dir(folder: Path) -> dict[str, str]:
     return {
-        p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER
+        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER
     }
 
 

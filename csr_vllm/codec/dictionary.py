@@ -12,7 +12,6 @@ Only safetensors and JSON are read: nothing is ever unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from csr_vllm.codec.codec import TensorCodec
 from csr_vllm.codec.config import CodecConfig
+from csr_vllm.files import sha256_file
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "dictionary.safetensors"
@@ -227,7 +227,7 @@ class DictionarySet:
             "codec": self.config.to_dict(),
             "bits_per_channel": self.config.bits_per_channel(self.shape.head_dim),
             "slot_bytes": self.config.slot_bytes(),
-            "tensors_sha256": _sha256(folder / TENSORS_FILE),
+            "tensors_sha256": sha256_file(folder / TENSORS_FILE),
             "info": self.info,
         }
         (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -261,7 +261,7 @@ class DictionarySet:
                 f"dictionary {folder} was made for another model ({shape.name or '?'}): "
                 + "; ".join(diff)
             )
-        digest = _sha256(tensors_path)
+        digest = sha256_file(tensors_path)
         if digest != manifest.get("tensors_sha256"):
             raise DictionaryError(
                 f"{tensors_path} is corrupt: SHA-256 {digest[:12]}... does not match the manifest"
@@ -278,11 +278,3 @@ class DictionarySet:
             return cls(config, shape, key, value, manifest.get("info", {}))
         except TypeError as e:  # e.g. "num_layers": "3" slips past the dataclass constructor
             raise DictionaryError(f"{manifest_path}: malformed manifest ({e})") from None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
