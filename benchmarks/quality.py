@@ -125,13 +125,18 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
                   "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
                   "|" + "---|" * (1 + len(lengths))]
         for name, per in ruler.items():
-            cells = [name] + [
-                f"{per[str(n)]['correct']}/{per[str(n)]['trials']}" if str(n) in per else "-"
-                for n in lengths]
+            cells = [name] + [_ruler_cell(per.get(str(n))) for n in lengths]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Guard window W={args.guard}; {args.windows} windows of {args.window} tokens "
               "per text; Δ is relative to bf16 on the same windows."]
     return "\n".join(lines) + "\n"
+
+
+def _ruler_cell(entry: dict | None) -> str:
+    if entry is None:
+        return "-"
+    cell = f"{entry['correct']}/{entry['trials']}"
+    return cell + " (partial)" if entry.get("complete") is False else cell
 
 
 def plot(results: dict, args: argparse.Namespace, path: Path) -> None:

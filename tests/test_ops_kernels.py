@@ -332,7 +332,7 @@ def test_cuda_backend_write_and_decode_glue(seed):
     meta = types_meta(len(hist), torch.tensor([p for _, p in hist], device=DEV))
     hk, hv = torch.randn(len(hist), h, d, device=DEV), torch.randn(len(hist), h, d, device=DEV)
     slots = torch.tensor([slot(r, p) for r, p in hist], device=DEV)
-    with mock.patch.object(cb, "_metadata_of", lambda _layer: meta):
+    with mock.patch.object(cb, "metadata_of", lambda _layer: meta):
         impl.do_kv_cache_update(layer, hk, hv, cache, slots)
     # Decode step: one new token per sequence.
     q = torch.randn(2, h * g, d, device=DEV)
@@ -342,7 +342,7 @@ def test_cuda_backend_write_and_decode_glue(seed):
                       qsl_cpu=torch.tensor([0, 1, 2]))
     new_slots = torch.tensor([slot(r, int(seq_lens[r]) - 1) for r in range(2)], device=DEV)
     out = torch.full((2, h * g * d), float("nan"), device=DEV)
-    with mock.patch.object(cb, "_metadata_of", lambda _layer: meta):
+    with mock.patch.object(cb, "metadata_of", lambda _layer: meta):
         impl.do_kv_cache_update(layer, nk, nv, cache, new_slots)
         impl.forward(layer, q, nk, nv, cache, meta, out)
     codecs = [TensorCodec(cfg.key, atoms[0][1, 0]), TensorCodec(cfg.value, atoms[1][1, 0])]

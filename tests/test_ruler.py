@@ -114,3 +114,36 @@ def test_run_ruler_keeps_cached_results_and_computes_nothing(tmp_path):
                     model=object(), tokenizer=object(), results=cached,
                     on_result=lambda: calls.append(1))
     assert out is cached and out["bf16"]["1024"]["correct"] == 3 and not calls
+
+
+def test_run_ruler_resumes_a_partial_entry_from_its_next_trial(tmp_path, monkeypatch):
+    """An interrupted length continues where it stopped, on the same seeded trials."""
+    import csr_vllm.evaluation.ruler as ruler
+    from csr_vllm.evaluation.methods import make_method
+
+    trials = [ruler.RulerSample(index=i, input=f"q{i}", outputs=[str(i)], length=1024) for i in range(5)]
+    monkeypatch.setattr(ruler, "generate_tasks", lambda *a, **k: trials)
+    seen = []
+
+    def fake_evaluate(model, tokenizer, samples, method, guard, max_new_tokens, progress,
+                      on_trial=None):
+        for s in samples:
+            seen.append(s.input)
+            on_trial(s.input != "q3", s.outputs[0])
+
+    monkeypatch.setattr(ruler, "evaluate", fake_evaluate)
+    partial = {"bf16": {"1024": {"per_trial": [True, False], "predictions": ["0", "x"],
+                                 "correct": 1, "trials": 2, "complete": False}}}
+    saves = []
+    ruler.run_ruler(tmp_path, "niah_single_1", [1024], 5, {"bf16": make_method("bf16")}, 128,
+                    model=object(), tokenizer=object(), results=partial,
+                    on_result=lambda: saves.append(dict(partial["bf16"]["1024"])))
+    entry = partial["bf16"]["1024"]
+    assert seen == ["q2", "q3", "q4"]
+    assert entry["per_trial"] == [True, False, True, False, True]
+    assert entry["predictions"] == ["0", "x", "2", "3", "4"]
+    assert (entry["correct"], entry["trials"], entry["accuracy"]) == (3, 5, 0.6)
+    assert "complete" not in entry
+    # persisted after every trial, marked partial until the last one
+    assert [s["trials"] for s in saves] == [3, 4, 5, 5]
+    assert [s.get("complete", True) for s in saves] == [False, False, False, True]

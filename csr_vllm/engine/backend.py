@@ -30,7 +30,6 @@ import torch
 from vllm import _custom_ops as ops
 from vllm.config import VllmConfig
 from vllm.logger import init_logger
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionBackend,
@@ -41,7 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from csr_vllm.codec.dictionary import DictionarySet
-from csr_vllm.engine.backend_spec import CSRBackendSpec
+from csr_vllm.engine.backend_spec import CSRBackendSpec, layer_index, metadata_of
 from csr_vllm.engine.guard import OutlierGuard
 from csr_vllm.engine.page_layout import with_adaptation
 from csr_vllm.engine.runtime import CSRRuntime, StepPlan
@@ -174,10 +173,10 @@ class CSRAttentionImpl(CPUAttentionBackendImpl):
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor,
                            value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
-        meta = _metadata_of(layer)
+        meta = metadata_of(layer)
         if meta is None or meta.csr_plan is None:
             return
-        meta.csr_runtime.write(_layer_index(layer), meta.csr_plan, key, value, kv_cache,
+        meta.csr_runtime.write(layer_index(layer), meta.csr_plan, key, value, kv_cache,
                                slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
@@ -187,7 +186,7 @@ class CSRAttentionImpl(CPUAttentionBackendImpl):
         if attn_metadata is None:  # profiling / warm-up
             return output
         plan, runtime = attn_metadata.csr_plan, attn_metadata.csr_runtime
-        layer_idx = _layer_index(layer)
+        layer_idx = layer_index(layer)
         n = attn_metadata.num_actual_tokens
         nd = plan.num_decodes
         if nd:
@@ -221,22 +220,3 @@ class CSRAttentionImpl(CPUAttentionBackendImpl):
             block_table=plan.scratch_table[nd:], softcap=0, scheduler_metadata=sched,
             s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
         return output
-
-
-def _layer_index(layer: torch.nn.Module) -> int:
-    idx = getattr(layer, "_csr_layer_index", None)
-    if idx is None:
-        idx = extract_layer_index(layer.layer_name)
-        layer._csr_layer_index = idx
-    return idx
-
-
-def _metadata_of(layer: torch.nn.Module) -> CSRMetadata | None:
-    from vllm.forward_context import get_forward_context
-
-    meta = get_forward_context().attn_metadata
-    if isinstance(meta, list):
-        meta = meta[0]
-    if isinstance(meta, dict):
-        meta = meta.get(layer.layer_name)
-    return meta

@@ -7,9 +7,10 @@ CSR slot (``customize_spec``) whichever kernel reads it.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionType
 from vllm.v1.kv_cache_interface import AttentionSpec
 
@@ -53,3 +54,23 @@ class CSRBackendSpec:
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:
         return attn_type == AttentionType.DECODER
+
+
+def layer_index(layer: torch.nn.Module) -> int:
+    """The decoder layer an attention module belongs to (cached on the module)."""
+    idx = getattr(layer, "_csr_layer_index", None)
+    if idx is None:
+        idx = layer._csr_layer_index = extract_layer_index(layer.layer_name)
+    return idx
+
+
+def metadata_of(layer: torch.nn.Module) -> Any:
+    """This step's attention metadata for ``layer`` (None during profiling / dummy runs)."""
+    from vllm.forward_context import get_forward_context
+
+    meta = get_forward_context().attn_metadata
+    if isinstance(meta, list):
+        meta = meta[0]
+    if isinstance(meta, dict):
+        meta = meta.get(layer.layer_name)
+    return meta

@@ -38,7 +38,6 @@ from typing import ClassVar
 import torch
 from vllm.config import VllmConfig, get_current_vllm_config
 from vllm.logger import init_logger
-from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType, CommonAttentionMetadata
 from vllm.v1.attention.backends.triton_attn import (
     TritonAttentionBackend,
@@ -50,7 +49,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 
 import csr_vllm.ops.library  # noqa: F401  (registers torch.ops.csr.*)
 from csr_vllm.codec.dictionary import DictionarySet
-from csr_vllm.engine.backend_spec import CSRBackendSpec
+from csr_vllm.engine.backend_spec import CSRBackendSpec, layer_index, metadata_of
 from csr_vllm.engine.settings import CSRSettings
 from csr_vllm.ops.code_format import CodeFormat
 
@@ -232,17 +231,11 @@ class CSRCudaImpl(TritonAttentionImpl):
                                      cfg.model_config.max_model_len, cfg.cache_config.block_size,
                                      cfg.model_config.dtype, num_heads)
 
-    def _layer(self, layer: torch.nn.Module) -> int:
-        idx = getattr(layer, "_csr_layer_index", None)
-        if idx is None:
-            idx = layer._csr_layer_index = extract_layer_index(layer.layer_name)
-        return idx
-
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        meta = _metadata_of(layer)
+        meta = metadata_of(layer)
         if meta is None:
             return
-        st, i = self.state, self._layer(layer)
+        st, i = self.state, layer_index(layer)
         n = meta.num_actual_tokens
         cos = sin = None
         if st.pre_rope:
@@ -258,7 +251,7 @@ class CSRCudaImpl(TritonAttentionImpl):
             raise NotImplementedError("fused output quantization is not supported by CSR")
         if attn_metadata is None:  # profiling run
             return output.fill_(0)
-        st, i = self.state, self._layer(layer)
+        st, i = self.state, layer_index(layer)
         meta: CSRCudaMetadata = attn_metadata
         nd = meta.csr_num_decodes
         if CSRCudaBackend.settings.read_path == "reconstruct":
@@ -300,14 +293,3 @@ class CSRCudaImpl(TritonAttentionImpl):
                 block_table=torch.arange(nb, dtype=torch.int32, device=query.device)[None],
                 softcap=0, q_descale=None, k_descale=None, v_descale=None)
         return output
-
-
-def _metadata_of(layer: torch.nn.Module) -> CSRCudaMetadata | None:
-    from vllm.forward_context import get_forward_context
-
-    meta = get_forward_context().attn_metadata
-    if isinstance(meta, list):
-        meta = meta[0]
-    if isinstance(meta, dict):
-        meta = meta.get(layer.layer_name)
-    return meta

@@ -203,7 +203,8 @@ def _head_dim(model) -> int:
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | None, guard: int,
-             max_new_tokens: int | None = None, progress: bool = True) -> RulerResult:
+             max_new_tokens: int | None = None, progress: bool = True,
+             on_trial: Callable[[bool, str], None] | None = None) -> RulerResult:
     """Answer every sample by greedy decoding with the KV cache stored by ``method``.
 
     Args:
@@ -216,6 +217,8 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
             :func:`answer_budget` (the budget depends only on the references, so every method
             gets the same one).
         progress: show a progress bar.
+        on_trial: called with (correct, prediction) after each sample, so a caller can persist
+            a long run trial by trial.
     """
     name = method.name if method else "model"
     bits = (method.bits_per_channel(_head_dim(model)) if method
@@ -235,6 +238,8 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
             pred = _postprocess(text)
             predictions.append(pred)
             scores.append(score(pred, sample.outputs))
+            if on_trial is not None:
+                on_trial(scores[-1] == 1.0, pred)
     correct = [s == 1.0 for s in scores]
     return RulerResult(name, bits, guard, sum(correct) / max(len(correct), 1), len(correct),
                        correct, scores, predictions)
@@ -250,26 +255,52 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
     Returns ``{method: {str(length): {"accuracy", "correct", "trials", "per_trial",
     "predictions"}}}`` (length keys are strings so the result survives a JSON round trip).
     Entries already in ``results`` are kept, not recomputed, and ``on_result`` is called after
-    each new one, so a caller can persist a long sweep and resume it. ``model``/``tokenizer``
-    default to loading ``model_dir``.
+    each new trial, so a caller can persist a long sweep and resume it: an entry still being
+    filled carries ``"complete": False`` and a resumed sweep continues it from its next trial
+    (the trials are seeded, so they are the same ones). ``model``/``tokenizer`` default to
+    loading ``model_dir``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_task(task)
+    results = {} if results is None else results
+
+    def finished(name: str, length: int) -> bool:
+        entry = results.get(name, {}).get(str(length))
+        return entry is not None and entry.get("complete", True)
+
+    if all(finished(n, length) for length in lengths for n in methods):
+        return results
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    results = {} if results is None else results
     for length in lengths:
-        todo = [n for n in methods if str(length) not in results.get(n, {})]
+        todo = [n for n in methods if not finished(n, length)]
         if not todo:
             continue
         trials = generate_tasks(task, model_dir, length, samples, seed, cache_dir)
         for name in todo:
-            r = evaluate(model, tokenizer, trials, methods[name], guard, max_new_tokens, progress)
-            results.setdefault(name, {})[str(length)] = {
-                "accuracy": r.accuracy, "correct": sum(r.correct), "trials": r.trials,
-                "per_trial": r.correct, "predictions": r.predictions}
+            entry = results.setdefault(name, {}).get(str(length))
+            if entry is None or len(entry.get("per_trial", [])) > len(trials):
+                entry = {"per_trial": [], "predictions": []}
+            entry["complete"] = False
+            results[name][str(length)] = entry
+
+            def record(correct: bool, pred: str, entry: dict = entry) -> None:
+                entry["per_trial"].append(correct)
+                entry["predictions"].append(pred)
+                entry["correct"] = sum(entry["per_trial"])
+                entry["trials"] = len(entry["per_trial"])
+                entry["accuracy"] = entry["correct"] / entry["trials"]
+                if on_result is not None:
+                    on_result()
+
+            evaluate(model, tokenizer, trials[len(entry["per_trial"]):], methods[name], guard,
+                     max_new_tokens, progress, on_trial=record)
+            n = len(entry["per_trial"])
+            entry.update(accuracy=sum(entry["per_trial"]) / max(n, 1),
+                         correct=sum(entry["per_trial"]), trials=n)
+            del entry["complete"]
             if on_result is not None:
                 on_result()
     return results
