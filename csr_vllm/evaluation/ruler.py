@@ -245,6 +245,12 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
                        correct, scores, predictions)
 
 
+def _summarise(entry: dict) -> None:
+    n = len(entry["per_trial"])
+    entry.update(correct=sum(entry["per_trial"]), trials=n,
+                 accuracy=sum(entry["per_trial"]) / max(n, 1))
+
+
 def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int,
               methods: dict[str, KVMethod], guard: int, seed: int = _BASE_SEED,
               max_new_tokens: int | None = None, cache_dir: Path | None = None,
@@ -289,17 +295,13 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
             def record(correct: bool, pred: str, entry: dict = entry) -> None:
                 entry["per_trial"].append(correct)
                 entry["predictions"].append(pred)
-                entry["correct"] = sum(entry["per_trial"])
-                entry["trials"] = len(entry["per_trial"])
-                entry["accuracy"] = entry["correct"] / entry["trials"]
+                _summarise(entry)
                 if on_result is not None:
                     on_result()
 
             evaluate(model, tokenizer, trials[len(entry["per_trial"]):], methods[name], guard,
                      max_new_tokens, progress, on_trial=record)
-            n = len(entry["per_trial"])
-            entry.update(accuracy=sum(entry["per_trial"]) / max(n, 1),
-                         correct=sum(entry["per_trial"]), trials=n)
+            _summarise(entry)
             del entry["complete"]
             if on_result is not None:
                 on_result()
