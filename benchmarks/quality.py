@@ -71,11 +71,13 @@ def main() -> None:
         text = corpus_file(text_name).read_text()
         for name in args.methods.split(","):
             key = f"{text_name}|{name}|W{args.guard}|{args.windows}x{args.window}"
-            if key in results["perplexity"]:
-                continue
             method = make_method(name, dict_dir, shape)
+            # A cached number is reused only for the same setting (a preset may change).
+            if results["perplexity"].get(key, {}).get("setting") == method.setting:
+                continue
             r = perplexity(model, tokenizer, text, method, args.guard, args.window, args.windows)
-            results["perplexity"][key] = r.to_dict() | {"text": text_name}
+            results["perplexity"][key] = r.to_dict() | {"text": text_name,
+                                                        "setting": method.setting}
             save()
 
     if args.ruler_samples > 0:
@@ -152,14 +154,16 @@ def plot(results: dict, args: argparse.Namespace, path: Path) -> None:
         base = rows.get("bf16", {}).get(t)
         if not base:
             continue
-        for family, color, marker in (("csr", "tab:blue", "o"), ("kivi", "tab:orange", "s"),
-                                      ("int", "tab:green", "^")):
+        families = (("CSR", "tab:blue", "o", lambda n: n.startswith("csr")),
+                    ("KIVI", "tab:orange", "s", lambda n: n.startswith("kivi")),
+                    ("int per-token-head", "tab:green", "^", lambda n: n.startswith("int")))
+        for label, color, marker, member in families:
             pts = sorted((r[t]["bits_per_channel"], 100 * (r[t]["perplexity"] / base["perplexity"] - 1), n)
-                         for n, r in rows.items() if n.startswith(family) and t in r)
+                         for n, r in rows.items() if member(n) and "+" not in n and t in r)
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
-                    label=family.upper() if family != "int" else "int per-token-head")
+                    label=label)
             for x, y, n in pts:
                 ax.annotate(n, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xscale("log", base=2)

@@ -101,7 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     dense = 2 * shape.head_dim * 2  # bf16 K + V bytes per (token, KV head)
     for name, preset in PRESETS.items():
         cfg = preset.config_for(shape.head_dim)
-        print(f"  {name:9s} {cfg.slot_bytes():3d} B per (token, KV head) vs {dense} B bf16: "
+        print(f"  {name:12s} {cfg.slot_bytes():3d} B per (token, KV head) vs {dense} B bf16: "
               f"{cfg.bits_per_channel(shape.head_dim):.3f} bits/channel, "
               f"{dense / cfg.slot_bytes():.1f}x the tokens")
     cmd = [sys.executable, "-m", "csr_vllm.vllm_launcher", "serve", str(model),
@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--key-atoms", type=int, default=3, help="atoms per key vector (MP level)")
     t.add_argument("--value-atoms", type=int, default=3, help="atoms per value chunk")
     t.add_argument("--value-chunks", type=int, default=1, help="value channel split s_n")
-    t.add_argument("--coef", default="fp8", help="fp16 | fp8 | int3..int8")
+    t.add_argument("--coef", default="fp8", help="fp16 | fp8 | int3..int8 | log3..log6")
     t.add_argument("--pursuit", default="omp", choices=["mp", "omp"])
     t.add_argument("--key-rope", default="pre", choices=["pre", "post"])
     t.add_argument("--layer-group", type=int, default=1)

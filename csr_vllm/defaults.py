@@ -4,22 +4,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csr_vllm.codec.config import get_preset
+from csr_vllm.codec.config import Preset
 from csr_vllm.codec.dictionary import DictionaryError, DictionarySet, ModelShape
 from csr_vllm.paths import cache_root
 
 DEFAULT_DICT_NAME = "default-8192-pre"
-TRAINING_PRESET = "csr-1b"
+TRAINING_RECIPE = Preset("csr-1b", 1.0)
 
 
 def default_train_config(head_dim: int):
     """Training settings of the default dictionary (fits the 15-minute, 2-core budget)."""
     from csr_vllm.dict_training.train import TrainConfig
 
-    # Trained through csr-1b's pursuit (3 atoms a vector): the most demanding preset, and a
-    # cheaper NeuralDict step than csr-2b's 6 atoms. The atoms serve every preset.
-    return TrainConfig(codec=get_preset(TRAINING_PRESET).config_for(head_dim),
-                       preset=TRAINING_PRESET)
+    # Trained through a 1-bit pursuit (3 atoms a vector, fp8): the most demanding budget, and a
+    # cheaper NeuralDict step than 6 atoms. The atoms serve every preset. Spelled out rather
+    # than looked up, so the recipe (and the cached atoms) stay the same if csr-1b changes.
+    return TrainConfig(codec=TRAINING_RECIPE.config_for(head_dim), preset=TRAINING_RECIPE.name)
 
 
 def default_dictionary(model_dir: Path, cache_dir: Path | None = None,

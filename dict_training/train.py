@@ -3,6 +3,10 @@
 Work is split into units (kind, layer group, head group, chunk). Each finished unit is written
 to ``OUT/partial/`` as safetensors, so an interrupted run resumes where it stopped; the final
 ``dictionary.safetensors`` + ``manifest.json`` are written last.
+
+Each unit also gets its coefficient ladder (:func:`csr_vllm.codec.coefficients.ladder_tops`),
+calibrated on its training vectors. A unit trained before ladders existed gets one added on the
+next run with the same ``--out``, its atoms untouched.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
 
+from csr_vllm.codec.coefficients import ladder_positions, ladder_tops
 from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
 from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.codec.pursuit import PURSUITS, reconstruct
@@ -80,6 +85,35 @@ def relative_error(x: Tensor, atoms: Tensor, tcfg: TensorCodecConfig) -> float:
     return float((x - reconstruct(idx, coef, atoms)).norm() / x.norm())
 
 
+# Training vectors a unit's ladder is calibrated on: ~1 s a unit on 2 cores (60 units for
+# SmolLM2), a small part of the default dictionary's 15-minute budget.
+LADDER_VECTORS = 1024
+
+
+def unit_ladder(x: Tensor, atoms: Tensor, seed: int) -> Tensor:
+    """Ladder tops [P, P] of one unit, from a seeded subsample of its training vectors (the
+    same subsample whether the unit was just trained or trained before ladders existed)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    if x.shape[0] > LADDER_VECTORS:
+        x = x[torch.randperm(x.shape[0], generator=gen)[:LADDER_VECTORS]]
+    return ladder_tops(x, atoms).contiguous()
+
+
+def _has_ladder(partial: Path, unit: Unit, codec: CodecConfig, shape: ModelShape) -> bool:
+    """True when the unit's file holds a ladder of the current calibration's shape."""
+    ladder = load_file(partial / f"{unit.tag}.safetensors").get("ladder")
+    tcfg = codec.key if unit.kind == "key" else codec.value
+    p = ladder_positions(shape.head_dim // tcfg.chunks)
+    return ladder is not None and tuple(ladder.shape) == (p, p)
+
+
+def _metadata(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()
+
+
 def train_unit(x: Tensor, x_eval: Tensor, tcfg: TensorCodecConfig, cfg: TrainConfig,
                gen: torch.Generator) -> tuple[Tensor, dict]:
     """k-means then NeuralDict for one unit; returns atoms [A, Dc] and statistics."""
@@ -122,8 +156,9 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
     shape = ModelShape.from_hf_config(model.config)
     units = _units(shape, codec)
     todo = [u for u in units if not (partial / f"{u.tag}.safetensors").is_file()]
+    no_ladder = [u for u in units if u not in todo and not _has_ladder(partial, u, codec, shape)]
 
-    if todo:
+    if todo or no_ladder:
         text = corpus_file(cfg.corpus).read_text()
         windows = token_windows(tokenizer, text, cfg.window, cfg.train_windows + cfg.holdout_windows)
         kv = collect_kv(model, windows, codec.key_rope, progress)
@@ -136,8 +171,17 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
             x_eval = unit_vectors(src[:, split:], unit, codec, tcfg)
             gen.manual_seed(unit_seed(unit, cfg.seed))
             atoms, stats = train_unit(x, x_eval, tcfg, cfg, gen)
-            save_file({"atoms": atoms.contiguous()}, partial / f"{unit.tag}.safetensors",
-                      metadata={"stats": json.dumps(stats)})
+            ladder = unit_ladder(x, atoms, unit_seed(unit, cfg.seed))
+            save_file({"atoms": atoms.contiguous(), "ladder": ladder},
+                      partial / f"{unit.tag}.safetensors", metadata={"stats": json.dumps(stats)})
+        for unit in tqdm(no_ladder, desc="calibrate ladders", disable=not progress):
+            path = partial / f"{unit.tag}.safetensors"
+            atoms, meta = load_file(path)["atoms"], _metadata(path)
+            tcfg = codec.key if unit.kind == "key" else codec.value
+            src = kv.keys if unit.kind == "key" else kv.values
+            x = unit_vectors(src[:, :split], unit, codec, tcfg)
+            ladder = unit_ladder(x, atoms, unit_seed(unit, cfg.seed))
+            save_file({"atoms": atoms, "ladder": ladder}, path, metadata=meta)
     del model
 
     dicts = _assemble(shape, cfg, units, partial)
@@ -159,19 +203,24 @@ def _assemble(shape: ModelShape, cfg: TrainConfig, units: list[Unit], partial: P
     codec = cfg.codec
     groups = -(-shape.num_layers // codec.layer_group)
     heads = shape.num_kv_heads if codec.per_head else 1
-    atoms = {}
+    atoms, ladders = {}, {}
     all_stats = {}
     for kind, tcfg in (("key", codec.key), ("value", codec.value)):
-        atoms[kind] = torch.zeros(groups, heads, tcfg.chunks, tcfg.num_atoms,
-                                  shape.head_dim // tcfg.chunks)
+        dc = shape.head_dim // tcfg.chunks
+        atoms[kind] = torch.zeros(groups, heads, tcfg.chunks, tcfg.num_atoms, dc)
+        p = ladder_positions(dc)
+        ladders[kind] = torch.zeros(groups, heads, tcfg.chunks, p, p)
     for u in units:
         path = partial / f"{u.tag}.safetensors"
-        atoms[u.kind][u.group, u.head, u.chunk] = load_file(path)["atoms"]
+        unit = load_file(path)
+        atoms[u.kind][u.group, u.head, u.chunk] = unit["atoms"]
+        ladders[u.kind][u.group, u.head, u.chunk] = unit["ladder"]
         with safe_open(str(path), "pt") as f:
             all_stats[u.tag] = json.loads(f.metadata()["stats"])
     info = {"preset": cfg.preset, "training": _jsonable(asdict(cfg)), "units": all_stats,
             "summary": _summary(all_stats)}
-    return DictionarySet(codec, shape, atoms["key"], atoms["value"], info)
+    return DictionarySet(codec, shape, atoms["key"], atoms["value"], info,
+                         key_ladder=ladders["key"], value_ladder=ladders["value"])
 
 
 def _summary(stats: dict) -> dict:

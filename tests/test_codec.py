@@ -7,7 +7,7 @@ import torch
 
 from csr_vllm.codec import pursuit as pursuit_mod
 from csr_vllm.codec.codec import SparseCode, TensorCodec
-from csr_vllm.codec.coefficients import CoefFormat
+from csr_vllm.codec.coefficients import CoefFormat, ladder_tops
 from csr_vllm.codec.config import (
     PRESETS,
     CodecConfig,
@@ -33,8 +33,10 @@ from csr_vllm.codec.rope import apply_rope, rope_tables, undo_rope
 ALL_FORMATS = ["fp16", "fp8", "int3", "int4", "int5", "int6", "int7", "int8"]
 
 
-def make_quantizer(fmt, scale):
-    return lambda c: fmt.roundtrip(c[:, None], scale)[:, 0]
+def make_quantizer(fmt, scale, top=None):
+    """quantize(c, k) for a pursuit; ``top`` [S]: a logB format's ladder tops."""
+    return lambda c, k: fmt.roundtrip(c[:, None], scale,
+                                      top[k : k + 1] if top is not None else None)[:, 0]
 
 
 def relative_error(x, x_hat):
@@ -394,15 +396,26 @@ def test_presets_stay_within_budget(name, head_dim):
 def test_csr_1b_at_head_dim_64_is_the_documented_layout():
     cfg = get_preset("csr-1b").config_for(64)
     assert (cfg.key.atoms_per_chunk, cfg.key.num_atoms, cfg.key.coef) == (3, 8192, "fp8")
+    assert cfg.value == cfg.key
     assert cfg.key.payload_bits == 63
     assert cfg.key.slot_bytes == cfg.value.slot_bytes == 8
     assert cfg.bits_per_channel(64) == 1.0
 
 
+def test_a_log_format_preset_fits_more_atoms_in_the_same_slot():
+    fp8 = Preset("a", 2.0).config_for(64)
+    log5 = Preset("b", 2.0, key_coef="log5", value_coef="log3").config_for(64)
+    assert (fp8.key.atoms_per_chunk, fp8.key.payload_bits, fp8.key.slot_bytes) == (6, 126, 16)
+    assert (log5.key.atoms_per_chunk, log5.key.payload_bits, log5.key.slot_bytes) == (7, 126, 16)
+    assert (log5.value.atoms_per_chunk, log5.value.coef, log5.value.slot_bytes) == (8, "log3", 16)
+
+
 CHUNKED_PRESETS = [
     Preset("two-chunk-values", 2.0, value_chunks=2),
-    Preset("four-chunk-keys", 4.0, key_chunks=4, coef="int5", num_atoms=4096),
-    Preset("two-chunk-int", 1.5, key_chunks=2, value_chunks=2, coef="int4"),
+    Preset("four-chunk-keys", 4.0, key_chunks=4, key_coef="int5", value_coef="int5",
+           num_atoms=4096),
+    Preset("two-chunk-int", 1.5, key_chunks=2, value_chunks=2, key_coef="int4",
+           value_coef="int4"),
 ]
 
 
@@ -468,6 +481,76 @@ def test_coef_format_bits(name):
     expected_bits = {"fp16": 16, "fp8": 8}.get(name) or int(name[3:])
     assert fmt.bits == expected_bits
     assert fmt.has_scale == name.startswith("int")
+    assert not fmt.uses_ladder
+
+
+LOG_FORMATS = ["log3", "log4", "log5", "log6"]
+
+
+@pytest.mark.parametrize("name", ["log2", "log7", "logx", "fp4"])
+def test_unknown_coefficient_format_lists_the_valid_ones(name):
+    with pytest.raises(ValueError, match="log3..log6"):
+        CoefFormat(name)
+
+
+@pytest.mark.parametrize("name", LOG_FORMATS)
+def test_log_format_is_the_nearest_ladder_level_in_the_log_domain(gen, name):
+    fmt = CoefFormat(name)
+    assert fmt.bits == int(name[3:]) and fmt.uses_ladder and not fmt.has_scale
+    top = torch.tensor([4.0, 1.0, 0.25])
+    c = torch.randn(200, 3, generator=gen) * top * 2
+    c = torch.cat([c, torch.tensor([[0.0, -0.0, 1e-30], [100.0, -100.0, 0.25]])])
+    levels = (1 << (fmt.bits - 1)) - 1
+    ladder = top[None, :, None] * 2.0 ** (-fmt.octaves * torch.arange(levels + 1) / levels)[
+        None, None]  # [1, K, M]
+    got = fmt.roundtrip(c, None, top)
+    # Brute force: the level nearest |c| in log2, with c's sign (clipped at both ends).
+    dist = (torch.log2(c.abs().clamp_min(1e-38))[..., None] - torch.log2(ladder)).abs()
+    want = ladder.expand(*c.shape, -1).gather(-1, dist.argmin(-1, keepdim=True))[..., 0]
+    want = torch.where(c < 0, -want, want)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    codes = fmt.encode(c, None, top)
+    assert codes.min() >= 0 and codes.max() < 1 << fmt.bits
+    assert torch.equal(fmt.decode(codes, None, torch.float32, top), got)
+    assert torch.equal(fmt.encode(got, None, top), codes)  # stored values re-encode exactly
+
+
+def test_log_format_without_ladder_is_an_error():
+    with pytest.raises(ValueError, match="ladder"):
+        CoefFormat("log4").encode(torch.ones(2, 2), None)
+    cfg = TensorCodecConfig(16, 1, 2, "log4", "omp")
+    with pytest.raises(ValueError, match=r"ladder tops of shape \(1, 2\)"):
+        TensorCodec(cfg, torch.eye(16)[None])
+
+
+@pytest.mark.parametrize("pursuit", ["mp", "omp"])
+@pytest.mark.parametrize("name", LOG_FORMATS)
+def test_log_codec_roundtrip_packs_exactly(gen, unit_atoms, pursuit, name):
+    atoms = unit_atoms(64, 8)
+    x = torch.randn(300, 8, generator=gen) * 2
+    ladder = ladder_tops(x, atoms, positions=4)
+    cfg = TensorCodecConfig(64, 1, 3, name, pursuit)
+    codec = TensorCodec(cfg, atoms[None], ladder[2, :3][None])
+    code = codec.encode(x)
+    assert torch.equal(CoefFormat(name).roundtrip(code.coefs[:, 0], None, ladder[2, :3]),
+                       code.coefs[:, 0])
+    packed = codec.pack(code)
+    assert packed.shape == (300, cfg.slot_bytes) and cfg.slot_bytes == -(-3 * (6 + cfg.coef_format.bits) // 8)
+    back = codec.unpack(packed)
+    assert torch.equal(back.indices, code.indices) and torch.equal(back.coefs, code.coefs)
+    assert relative_error(x, codec.decode(code)) < 0.9
+
+
+def test_ladder_tops_are_quantiles_of_omp_coefficients_for_every_support_size(gen, unit_atoms):
+    atoms = unit_atoms(32, 6)
+    x = torch.randn(400, 6, generator=gen)
+    tops = ladder_tops(x, atoms, positions=4)
+    assert tops.shape == (4, 4)
+    assert torch.equal(tops.triu(1), torch.zeros(4, 4))
+    for s in range(1, 5):
+        idx, coef = orthogonal_matching_pursuit(x, atoms, s)
+        torch.testing.assert_close(tops[s - 1, :s], coef.abs().quantile(0.995, dim=0))
+
 
 
 def test_fp8_roundtrip_equals_torch_e4m3fn_rounding(gen):

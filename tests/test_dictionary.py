@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from csr_vllm.codec.coefficients import ladder_positions
 from csr_vllm.codec.config import CodecConfig, TensorCodecConfig
 from csr_vllm.codec.dictionary import (
     FORMAT_VERSION,
@@ -269,3 +270,64 @@ def test_model_shape_from_hf_config():
     assert shape.architecture == "LlamaForCausalLM"
     assert shape.head_dim == 16
     assert shape.rope_theta == 123456.0
+
+
+# -- ladder tops (logB coefficient formats) ----------------------------------------------------
+LOG_CONFIG = dataclasses.replace(
+    CONFIG, key=dataclasses.replace(CONFIG.key, coef="log5", atoms_per_chunk=2),
+    value=dataclasses.replace(CONFIG.value, coef="log3", atoms_per_chunk=1))
+
+
+def with_ladders(dictset, gen):
+    # Key chunks of 8 channels -> 2 calibrated positions; value chunks of 4 -> 1.
+    assert (ladder_positions(8), ladder_positions(4)) == (2, 1)
+    kl = torch.rand(2, 2, 1, 2, 2, generator=gen).tril() + 0.5 * torch.eye(2)
+    vl = torch.rand(2, 2, 2, 1, 1, generator=gen) + 0.5
+    return dataclasses.replace(dictset, key_ladder=kl, value_ladder=vl)
+
+
+def test_ladders_save_load_and_reach_the_codec(dictset, gen, tmp_path):
+    d = with_ladders(dictset, gen)
+    d.save(tmp_path / "d")
+    loaded = DictionarySet.load(tmp_path / "d", expect=SHAPE).with_codec(LOG_CONFIG)
+    assert loaded.has_ladders
+    assert torch.equal(loaded.key_ladder, d.key_ladder)
+    codec = loaded.codec("key", layer=2, head=1)
+    # S = 2 key atoms: row S - 1 of group 1, head 1, first 2 positions.
+    assert torch.equal(codec.ladder, d.key_ladder[1, 1, :, 1, :2])
+    assert torch.equal(loaded.codec("value", 0, 0).ladder, d.value_ladder[0, 0, :, 0, :1])
+    x = torch.randn(20, 8, generator=gen)
+    assert torch.equal(codec.unpack(codec.pack(codec.encode(x))).coefs, codec.encode(x).coefs)
+
+
+def test_shard_keeps_the_ladders_of_its_layers_and_heads(dictset, gen):
+    d = with_ladders(dictset, gen)
+    part = d.shard(layers=(2, 3), heads=(1, 2))
+    assert torch.equal(part.key_ladder, d.key_ladder[1:2, 1:2])
+    assert torch.equal(part.with_codec(LOG_CONFIG).codec("key", 2, 0).ladder,
+                       d.key_ladder[1, 1, :, 1, :2])
+
+
+def test_log_format_on_a_dictionary_without_ladders_says_how_to_add_them(dictset):
+    assert not dictset.has_ladders
+    d = dictset.with_codec(LOG_CONFIG)
+    with pytest.raises(DictionaryError, match="train-dict"):
+        d.codec("key", 0)
+    dictset.codec("key", 0)  # fp8 still works without ladders
+
+
+@pytest.mark.parametrize("bad", ["shape", "negative", "nan", "one-sided"])
+def test_malformed_ladders_are_refused(dictset, gen, bad):
+    d = with_ladders(dictset, gen)
+    kl = {"shape": d.key_ladder[..., :1, :1], "negative": -d.key_ladder,
+          "nan": d.key_ladder * float("nan"), "one-sided": d.key_ladder}[bad]
+    vl = None if bad == "one-sided" else d.value_ladder
+    with pytest.raises(DictionaryError, match="ladder"):
+        dataclasses.replace(d, key_ladder=kl, value_ladder=vl)
+
+
+def test_more_atoms_than_calibrated_positions_is_refused(dictset, gen):
+    d = with_ladders(dictset, gen).with_codec(dataclasses.replace(
+        LOG_CONFIG, key=dataclasses.replace(LOG_CONFIG.key, atoms_per_chunk=3)))
+    with pytest.raises(DictionaryError, match="3 atoms per chunk exceed the 2 positions"):
+        d.codec("key", 0)

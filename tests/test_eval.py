@@ -155,3 +155,27 @@ def test_outlier_guard_method_names(tmp_path):
     assert make_method("csr", tmp_path, shape).guard_fraction == 0.0
     with pytest.raises(ValueError, match="bad outlier fraction"):
         make_method("csr+outliers=lots", tmp_path, shape)
+
+
+def test_coefficient_format_options_refit_the_preset_budget(tmp_path):
+    """``csr-2b+coef=log5``: csr-2b's bytes with log5 coefficients (7 atoms where fp8 fits 6);
+    ``+vcoef=`` changes the values only; an unknown format is named in the error."""
+    from csr_vllm.codec.config import get_preset
+    from csr_vllm.codec.dictionary import ModelShape
+
+    shape = ModelShape("LlamaForCausalLM", 1, 1, 64, 10000.0, "tiny")
+    cfg = get_preset("csr-2b").config_for(64)
+    atoms = torch.nn.functional.normalize(torch.randn(1, 1, 1, 8192, 64), dim=-1)
+    ladder = torch.ones(1, 1, 1, 16, 16).tril()
+    DictionarySet(cfg, shape, atoms, atoms.clone(), key_ladder=ladder,
+                  value_ladder=ladder.clone()).save(tmp_path)
+    m = make_method("csr-2b+coef=log5", tmp_path, shape)
+    k, v = m.dicts.config.key, m.dicts.config.value
+    assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("log5", 7, "log5", 7)
+    assert m.bits_per_channel(64) == 2.0
+    m = make_method("csr-1b+vcoef=log3", tmp_path, shape)
+    k, v = m.dicts.config.key, m.dicts.config.value
+    assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("fp8", 3, "log3", 4)
+    assert "log3" in m.setting
+    with pytest.raises(ValueError, match=r"bad coefficient format .*log3\.\.log6"):
+        make_method("csr-2b+coef=log9", tmp_path, shape)

@@ -22,7 +22,9 @@ def _dicts(coef="fp8", per_head=False):
                       per_head=per_head)
     heads = SHAPE.num_kv_heads if per_head else 1
     atoms = torch.nn.functional.normalize(torch.randn(2, heads, 1, 64, 16), dim=-1)
-    return DictionarySet(cfg, SHAPE, atoms, atoms.clone(), {})
+    ladder = torch.ones(2, heads, 1, 4, 4).tril()
+    return DictionarySet(cfg, SHAPE, atoms, atoms.clone(), {}, key_ladder=ladder,
+                         value_ladder=ladder.clone())
 
 
 def test_backend_is_a_triton_backend_with_csr_pages():
@@ -50,6 +52,7 @@ def test_backend_is_a_triton_backend_with_csr_pages():
 @pytest.mark.parametrize("make, settings, match", [
     (lambda: _dicts(per_head=True), CSRSettings(), "per-head"),
     (lambda: _dicts(coef="int5"), CSRSettings(), "coefficient formats"),
+    (lambda: _dicts(coef="log5"), CSRSettings(), "log5 .*every preset"),
     (_dicts, CSRSettings(outlier_threshold=0.3), "outlier Guard"),
 ])
 def test_backend_refuses_what_the_kernels_do_not_implement(make, settings, match):

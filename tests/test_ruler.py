@@ -108,7 +108,7 @@ def test_run_ruler_keeps_cached_results_and_computes_nothing(tmp_path):
     from csr_vllm.evaluation.ruler import run_ruler
 
     (tmp_path / "config.json").write_text("{}")
-    cached = {"bf16": {"1024": {"correct": 3, "trials": 4}}}
+    cached = {"bf16": {"1024": {"correct": 3, "trials": 4, "setting": "bf16"}}}
     calls = []
     out = run_ruler(tmp_path, "niah_single_1", [1024], 4, {"bf16": make_method("bf16")}, 128,
                     model=object(), tokenizer=object(), results=cached,
@@ -133,7 +133,8 @@ def test_run_ruler_resumes_a_partial_entry_from_its_next_trial(tmp_path, monkeyp
 
     monkeypatch.setattr(ruler, "evaluate", fake_evaluate)
     partial = {"bf16": {"1024": {"per_trial": [True, False], "predictions": ["0", "x"],
-                                 "correct": 1, "trials": 2, "complete": False}}}
+                                 "correct": 1, "trials": 2, "complete": False,
+                                 "setting": "bf16"}}}
     saves = []
     ruler.run_ruler(tmp_path, "niah_single_1", [1024], 5, {"bf16": make_method("bf16")}, 128,
                     model=object(), tokenizer=object(), results=partial,
@@ -147,3 +148,43 @@ def test_run_ruler_resumes_a_partial_entry_from_its_next_trial(tmp_path, monkeyp
     # persisted after every trial, marked partial until the last one
     assert [s["trials"] for s in saves] == [3, 4, 5, 5]
     assert [s.get("complete", True) for s in saves] == [False, False, False, True]
+
+
+def test_run_ruler_reruns_an_entry_made_with_another_setting(tmp_path, monkeypatch):
+    """A preset that changed (same name, other codec) is not reported with the old numbers."""
+    import csr_vllm.evaluation.ruler as ruler
+    from csr_vllm.evaluation.methods import make_method
+
+    trials = [ruler.RulerSample(index=i, input=f"q{i}", outputs=[str(i)], length=1024)
+              for i in range(3)]
+    monkeypatch.setattr(ruler, "generate_tasks", lambda *a, **k: trials)
+    seen = []
+
+    def fake_evaluate(model, tokenizer, samples, method, guard, max_new_tokens, progress,
+                      on_trial=None):
+        for s in samples:
+            seen.append(s.input)
+            on_trial(True, s.outputs[0])
+
+    monkeypatch.setattr(ruler, "evaluate", fake_evaluate)
+    stale = {"bf16": {"1024": {"per_trial": [False] * 3, "predictions": ["x"] * 3,
+                               "correct": 0, "trials": 3, "setting": "an old codec"}}}
+    ruler.run_ruler(tmp_path, "niah_single_1", [1024], 3, {"bf16": make_method("bf16")}, 128,
+                    model=object(), tokenizer=object(), results=stale)
+    assert seen == ["q0", "q1", "q2"]
+    assert stale["bf16"]["1024"]["correct"] == 3 and stale["bf16"]["1024"]["setting"] == "bf16"
+
+
+def test_csr_setting_names_the_codec_of_each_tensor(tmp_path):
+    import torch
+
+    from csr_vllm.codec.config import get_preset
+    from csr_vllm.codec.dictionary import DictionarySet, ModelShape
+    from csr_vllm.evaluation.methods import CSR
+
+    shape = ModelShape("LlamaForCausalLM", 1, 1, 64, 10000.0)
+    cfg = get_preset("csr-1b").config_for(64)
+    atoms = torch.nn.functional.normalize(torch.randn(1, 1, 1, 8192, 64), dim=-1)
+    d = DictionarySet(cfg, shape, atoms, atoms)
+    assert CSR(d, "csr-1b").setting == "K 1x3xfp8/8192omp V 1x3xfp8/8192omp rope=pre"
+    assert CSR(d, "x", adapt=3).setting.endswith("adapt=3/128")

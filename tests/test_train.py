@@ -60,6 +60,30 @@ def test_training_resumes_without_redoing_units(trained, model_dir):
     assert redone == ["value_g2_h0_c1.safetensors"]
 
 
+def test_training_calibrates_ladders_and_adds_them_to_units_trained_before_them(trained,
+                                                                                model_dir):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from csr_vllm.codec.coefficients import ladder_positions
+
+    out, dicts = trained
+    assert dicts.has_ladders
+    assert dicts.key_ladder.shape == (3, 1, 1, ladder_positions(64), ladder_positions(64))
+    assert dicts.value_ladder.shape == (3, 1, 2, 8, 8)  # chunks of 32 channels
+    assert bool((dicts.key_ladder.diagonal(dim1=-2, dim2=-1) > 0).all())
+    # A unit file from before ladders existed: the next run adds its ladder, atoms untouched.
+    path = out / "partial" / "key_g1_h0_c0.safetensors"
+    unit = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file({"atoms": unit["atoms"]}, path, metadata=meta)
+    again = train_dictionaries(model_dir, out, tiny_config(), progress=False)
+    assert torch.equal(load_file(path)["atoms"], unit["atoms"])
+    assert torch.equal(load_file(path)["ladder"], unit["ladder"])  # the same seeded subsample
+    assert torch.equal(again.key_ladder, dicts.key_ladder)
+
+
 def test_resume_with_other_settings_is_refused(trained, model_dir):
     out, _ = trained
     with pytest.raises(ValueError, match="other settings"):

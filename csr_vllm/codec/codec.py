@@ -39,7 +39,8 @@ class TensorCodec:
     :mod:`csr_vllm.codec.adaptation`).
     """
 
-    def __init__(self, config: TensorCodecConfig, atoms: Tensor) -> None:
+    def __init__(self, config: TensorCodecConfig, atoms: Tensor,
+                 ladder: Tensor | None = None) -> None:
         if atoms.ndim != 3 or atoms.shape[0] != config.chunks or atoms.shape[1] != config.num_atoms:
             raise ValueError(
                 f"atoms shape {tuple(atoms.shape)} does not match config "
@@ -48,6 +49,15 @@ class TensorCodec:
         self.config = config
         self.atoms = atoms
         self.fmt = config.coef_format
+        # [C, S] ladder tops of a logB format (the dictionary's calibration for S atoms).
+        self.ladder = None
+        if self.fmt.uses_ladder:
+            want = (config.chunks, config.atoms_per_chunk)
+            if ladder is None or tuple(ladder.shape) != want:
+                got = None if ladder is None else tuple(ladder.shape)
+                raise ValueError(f"coefficient format {config.coef} needs ladder tops of shape "
+                                 f"{want} from the dictionary, got {got}")
+            self.ladder = ladder.to(atoms.dtype)
         self._pursuit = PURSUITS[config.pursuit]
 
     @property
@@ -72,7 +82,7 @@ class TensorCodec:
         shared = self.shared_atoms
         idx, coef = [], []
         for c in range(self.config.chunks):
-            quant = self._quantizer(scale)
+            quant = self._quantizer(scale, c)
             extra = local.per_vector(c).to(x.dtype) if local is not None else None
             i, w = self._pursuit(chunks[:, c], shared[c], self.config.atoms_per_chunk, quant,
                                  extra=extra)
@@ -92,13 +102,19 @@ class TensorCodec:
                              f"{tuple(local.group.shape)} do not fit {n} vectors, (C, E, Dc) "
                              f"= {want}")
 
-    def _quantizer(self, scale: Tensor | None):
-        fmt = self.fmt
+    def _quantizer(self, scale: Tensor | None, chunk: int):
+        fmt, ladder = self.fmt, self.ladder
 
-        def quantize(c: Tensor) -> Tensor:
-            return fmt.roundtrip(c[:, None], scale)[:, 0]
+        def quantize(c: Tensor, k: int) -> Tensor:
+            top = ladder[chunk, k : k + 1] if ladder is not None else None
+            return fmt.roundtrip(c[:, None], scale, top)[:, 0]
 
         return quantize
+
+    @property
+    def _tops(self) -> Tensor | None:
+        """Ladder tops in code field order (chunk-major), or None."""
+        return self.ladder.reshape(-1) if self.ladder is not None else None
 
     def decode(self, code: SparseCode, local: LocalAtoms | None = None) -> Tensor:
         """SparseCode -> reconstructed vectors [N, D] (dtype of the atoms).
@@ -138,7 +154,8 @@ class TensorCodec:
         if self.fmt.has_scale:
             half = code.scale.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
             fields.append((half[:, None], 16))
-        fields.append((self.fmt.encode(code.coefs.reshape(n, -1), code.scale), self.fmt.bits))
+        fields.append((self.fmt.encode(code.coefs.reshape(n, -1), code.scale, self._tops),
+                       self.fmt.bits))
         fields.append((code.indices.reshape(n, -1), self.config.index_bits))
         return pack_fields(fields, self.config.slot_bytes)
 
@@ -155,6 +172,6 @@ class TensorCodec:
             raw = fields.pop(0)[:, 0]
             raw = torch.where(raw >= 1 << 15, raw - (1 << 16), raw)
             scale = raw.to(torch.int16).view(torch.float16).to(self.atoms.dtype)
-        coefs = self.fmt.decode(fields[0], scale, self.atoms.dtype)
+        coefs = self.fmt.decode(fields[0], scale, self.atoms.dtype, self._tops)
         shape = (n, self.config.chunks, self.config.atoms_per_chunk)
         return SparseCode(fields[1].reshape(shape), coefs.reshape(shape), scale)

@@ -26,7 +26,8 @@ class TensorCodecConfig:
         chunks: C (the paper's s_n); the head vector is cut into C equal chunks, each with
             its own dictionary.
         atoms_per_chunk: S, pursuit iterations per chunk.
-        coef: coefficient format (``fp16``, ``fp8``, ``int3``..``int8``).
+        coef: coefficient format (``fp16``, ``fp8``, ``int3``..``int8``, ``log3``..``log6``;
+            the logB formats need the dictionary's ladder tops).
         pursuit: ``mp`` (the paper) or ``omp``.
         sampled_atoms: E, index values ``[A - E, A)`` reserved for atoms sampled from the
             coded data itself (:mod:`csr_vllm.codec.adaptation`); the trained atoms at those
@@ -139,41 +140,46 @@ class Preset:
     """A named bit budget; the atoms per vector follow from the model's head_dim.
 
     The budget is all-in bits per K/V channel of the stored slot. Keys and values get the same
-    number of bytes each, and as many atoms as fit: at head_dim 64, ``csr-1b`` is 8 bytes per
-    key (3 atoms x (13-bit index + fp8 coefficient) = 63 bits) and 8 per value.
+    number of bytes each, and as many atoms as fit in their coefficient format: at head_dim 64,
+    ``csr-1b`` is 8 bytes per key (3 atoms x (13-bit index + fp8 coefficient) = 63 bits) and 8
+    per value.
     """
 
     name: str
     budget_bits: float
     num_atoms: int = 8192
-    coef: str = "fp8"
+    key_coef: str = "fp8"
+    value_coef: str = "fp8"
     pursuit: Pursuit = "omp"
     key_chunks: int = 1
     value_chunks: int = 1
     key_rope: RopeMode = "pre"
 
-    def _tensor(self, head_dim: int, chunks: int) -> TensorCodecConfig:
+    def _tensor(self, head_dim: int, chunks: int, coef: str) -> TensorCodecConfig:
         budget = int(self.budget_bits * head_dim) // 8 * 8  # whole bytes per tensor
-        probe = TensorCodecConfig(self.num_atoms, chunks, 1, self.coef, self.pursuit)
+        probe = TensorCodecConfig(self.num_atoms, chunks, 1, coef, self.pursuit)
         per_atom = probe.payload_bits - (SCALE_BITS if probe.coef_format.has_scale else 0)
         fixed = probe.payload_bits - per_atom
         atoms = (budget - fixed) // per_atom  # per_atom already spans all C chunks
         if atoms < 1:
             raise ValueError(f"preset {self.name} cannot fit one atom in {budget} bits "
                              f"at head_dim {head_dim}")
-        return TensorCodecConfig(self.num_atoms, chunks, atoms, self.coef, self.pursuit)
+        return TensorCodecConfig(self.num_atoms, chunks, atoms, coef, self.pursuit)
 
     def config_for(self, head_dim: int) -> CodecConfig:
         """The codec setting this preset means for a model with ``head_dim``."""
-        cfg = CodecConfig(key=self._tensor(head_dim, self.key_chunks),
-                          value=self._tensor(head_dim, self.value_chunks), key_rope=self.key_rope)
+        cfg = CodecConfig(key=self._tensor(head_dim, self.key_chunks, self.key_coef),
+                          value=self._tensor(head_dim, self.value_chunks, self.value_coef),
+                          key_rope=self.key_rope)
         assert cfg.bits_per_channel(head_dim) <= self.budget_bits + 1e-9
         return cfg
 
 
-# Chosen by measurement on SmolLM2 (README "How the presets were chosen"). They share one
-# dictionary shape (8192 atoms, whole vectors, keys before RoPE), so one trained dictionary
-# folder serves every preset; presets differ only in atoms per vector.
+# Chosen by measurement on SmolLM2 (README, *Presets*). They share one dictionary shape (8192
+# atoms, whole vectors, keys before RoPE), so one trained dictionary folder serves every
+# preset; presets differ only in atoms per vector. The logB coefficient formats (more, cheaper
+# atoms in the same slot) were measured against them and are not used: they lower the average
+# reconstruction error but clip the largest coefficients, and perplexity got worse (README).
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (Preset("csr-1b", 1.0), Preset("csr-1.5b", 1.5), Preset("csr-2b", 2.0),

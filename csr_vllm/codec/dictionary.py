@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from csr_vllm.codec.codec import TensorCodec
+from csr_vllm.codec.coefficients import ladder_positions
 from csr_vllm.codec.config import CodecConfig
 from csr_vllm.files import sha256_file
 
@@ -80,6 +81,10 @@ class DictionarySet:
         shape: the model they belong to.
         key_atoms, value_atoms: [G, Hg, C, A, Dc] unit-norm atoms.
         info: training provenance and statistics (free-form JSON).
+        key_ladder, value_ladder: [G, Hg, C, P, P] ladder tops of the ``logB`` coefficient
+            formats (:func:`csr_vllm.codec.coefficients.ladder_tops`: entry ``[..., S-1, k]``
+            for pursuit position k of S), calibrated when the dictionary was trained; None in
+            dictionaries made before them, which then serve the other formats only.
     """
 
     config: CodecConfig
@@ -91,6 +96,8 @@ class DictionarySet:
     # this set serves; None = all of the model's.
     layer_range: tuple[int, int] | None = None
     head_range: tuple[int, int] | None = None
+    key_ladder: Tensor | None = None
+    value_ladder: Tensor | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.layers.start, self.layers.stop
@@ -103,6 +110,8 @@ class DictionarySet:
                                   f"{self.shape.num_kv_heads} KV heads")
         groups = self._first_group_past(hi) - self.group_offset
         heads = self.kv_heads if self.config.per_head else 1
+        if (self.key_ladder is None) != (self.value_ladder is None):
+            raise DictionaryError("a dictionary has ladder tops for both K and V or for neither")
         for kind, atoms, tcfg in (
             ("key", self.key_atoms, self.config.key),
             ("value", self.value_atoms, self.config.value),
@@ -114,6 +123,23 @@ class DictionarySet:
                     f"{self.shape.num_layers} layers, {self.shape.num_kv_heads} KV heads, "
                     f"head_dim {self.shape.head_dim} and the codec settings"
                 )
+            ladder = self.ladder(kind)
+            if ladder is not None:
+                p = ladder_positions(want[-1])
+                if tuple(ladder.shape) != (*want[:3], p, p):
+                    raise DictionaryError(f"{kind} ladder has shape {tuple(ladder.shape)}, "
+                                          f"expected {(*want[:3], p, p)}")
+                if not bool(torch.isfinite(ladder).all()) or bool((ladder < 0).any()):
+                    raise DictionaryError(f"{kind} ladder tops must be finite and >= 0")
+
+    def ladder(self, kind: str) -> Tensor | None:
+        """[G, Hg, C, P, P] ladder tops of ``kind`` ('key' or 'value'), or None."""
+        return self.key_ladder if kind == "key" else self.value_ladder
+
+    @property
+    def has_ladders(self) -> bool:
+        """True when the ``logB`` coefficient formats can be used with these atoms."""
+        return self.key_ladder is not None and self.value_ladder is not None
 
     @property
     def layers(self) -> range:
@@ -149,7 +175,21 @@ class DictionarySet:
         if not 0 <= head < self.kv_heads:
             raise DictionaryError(f"KV head {head} is not in this set ({self.kv_heads} heads)")
         h = head if self.config.per_head else 0
-        return TensorCodec(tcfg, atoms[self.group_of(layer), h])
+        g = self.group_of(layer)
+        ladder = None
+        if tcfg.coef_format.uses_ladder:
+            full = self.ladder(kind)
+            s = tcfg.atoms_per_chunk
+            if full is None:
+                raise DictionaryError(
+                    f"coefficient format {tcfg.coef} needs ladder tops, which this dictionary "
+                    "predates; rerun `csr-vllm train-dict` with the same --out (it adds them "
+                    "without retraining the atoms)")
+            if s > full.shape[-1]:
+                raise DictionaryError(f"{s} atoms per chunk exceed the {full.shape[-1]} "
+                                      "positions the dictionary's ladders were calibrated for")
+            ladder = full[g, h, :, s - 1, :s]
+        return TensorCodec(tcfg, atoms[g, h], ladder)
 
     def shard(self, layers: tuple[int, int] | None = None,
               heads: tuple[int, int] | None = None) -> DictionarySet:
@@ -176,11 +216,13 @@ class DictionarySet:
         hs = slice(heads[0] - h_all[0], heads[1] - h_all[0]) if self.config.per_head \
             else slice(None)
         key, value = (a[g0:g1, hs].clone() for a in (self.key_atoms, self.value_atoms))
+        kl, vl = (a[g0:g1, hs].clone() if a is not None else None
+                  for a in (self.key_ladder, self.value_ladder))
         whole_layers = tuple(layers) == (0, self.shape.num_layers)
         whole_heads = tuple(heads) == (0, self.shape.num_kv_heads)
         return DictionarySet(self.config, self.shape, key, value, self.info,
                              None if whole_layers else tuple(layers),
-                             None if whole_heads else tuple(heads))
+                             None if whole_heads else tuple(heads), kl, vl)
 
     def with_codec(self, config: CodecConfig) -> DictionarySet:
         """The same atoms coded with another setting (e.g. a preset's atoms per vector).
@@ -205,7 +247,8 @@ class DictionarySet:
         if diffs:
             raise DictionaryError("dictionary does not fit this codec setting: " + "; ".join(diffs))
         return DictionarySet(config, self.shape, self.key_atoms, self.value_atoms, self.info,
-                             self.layer_range, self.head_range)
+                             self.layer_range, self.head_range, self.key_ladder,
+                             self.value_ladder)
 
     @property
     def nbytes(self) -> int:
@@ -220,6 +263,9 @@ class DictionarySet:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"key.atoms": self.key_atoms.float().contiguous(),
                    "value.atoms": self.value_atoms.float().contiguous()}
+        if self.has_ladders:
+            tensors["key.ladder"] = self.key_ladder.float().contiguous()
+            tensors["value.ladder"] = self.value_ladder.float().contiguous()
         save_file(tensors, folder / TENSORS_FILE)
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -269,12 +315,14 @@ class DictionarySet:
         try:
             tensors = load_file(tensors_path)
             key, value = tensors["key.atoms"], tensors["value.atoms"]
+            ladders = (tensors.get("key.ladder"), tensors.get("value.ladder"))
         except (SafetensorError, KeyError, OSError) as e:
             raise DictionaryError(f"{tensors_path} cannot be read: {e}") from None
         norms = torch.cat([key.norm(dim=-1).flatten(), value.norm(dim=-1).flatten()])
         if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
             raise DictionaryError(f"{tensors_path}: atoms are not unit-norm")
         try:
-            return cls(config, shape, key, value, manifest.get("info", {}))
+            return cls(config, shape, key, value, manifest.get("info", {}),
+                       key_ladder=ladders[0], value_ladder=ladders[1])
         except TypeError as e:  # e.g. "num_layers": "3" slips past the dataclass constructor
             raise DictionaryError(f"{manifest_path}: malformed manifest ({e})") from None

@@ -2,7 +2,9 @@
 
 Both are batched over N vectors and return the chosen atom indices and their coefficients.
 ``quantize`` (optional) is applied to each coefficient as it is chosen, so the residual the
-pursuit continues from is the one the stored, quantised code will actually leave behind.
+pursuit continues from is the one the stored, quantised code will actually leave behind. It is
+called as ``quantize(c, k)`` with the pursuit position ``k`` (a ``logB`` format's ladder
+depends on it).
 
 ``extra`` (optional, [N, E, Dc]) gives every vector E atoms of its own besides the shared
 dictionary [A, Dc] (sampled atoms, :mod:`csr_vllm.codec.adaptation`): index ``A + e`` picks the
@@ -16,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-Quantizer = Callable[[Tensor], Tensor]
+Quantizer = Callable[[Tensor, int], Tensor]
 
 
 # Correlation entries per block. A [128, 8192] block (4 MiB) stays in cache between the
@@ -75,7 +77,8 @@ def matching_pursuit(
         x: [N, Dc] vectors.
         atoms: [A, Dc] unit-norm atoms.
         s: atoms per vector.
-        quantize: maps coefficients [N] to their stored (dequantised) values.
+        quantize: maps coefficients [N] of pursuit position k to their stored (dequantised)
+            values, called as ``quantize(c, k)``.
         extra: [N, E, Dc] per-vector atoms (indices A..A+E-1), or None.
     Returns:
         (indices [N, S] int64, coefficients [N, S] in x.dtype)
@@ -86,7 +89,7 @@ def matching_pursuit(
     for k in range(s):
         j, c = best_atom(residual, atoms, extra)
         if quantize is not None:
-            c = quantize(c)
+            c = quantize(c, k)
         idx[:, k], coef[:, k] = j, c
         residual = residual - c[:, None] * gather_atoms(atoms, j[:, None], extra)[:, 0]
     return idx, coef
@@ -129,7 +132,7 @@ def orthogonal_matching_pursuit(
     target = x
     for k in range(s):
         free = least_squares_coefficients(target, atoms, idx[:, k:], extra=extra)
-        fixed[:, k] = quantize(free[:, 0])
+        fixed[:, k] = quantize(free[:, 0], k)
         target = target - fixed[:, k, None] * gather_atoms(atoms, idx[:, k:k + 1], extra)[:, 0]
     return idx, fixed
 

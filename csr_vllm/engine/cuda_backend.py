@@ -61,8 +61,12 @@ def check_cuda_support(dicts: DictionarySet, settings: CSRSettings) -> None:
     if dicts.config.per_head:
         raise NotImplementedError("per-head dictionaries are not in the CUDA kernels yet; use "
                                   "a per-layer dictionary or the CPU backend")
-    CodeFormat.of(dicts.config.key)  # int formats and sampled atoms raise here
-    CodeFormat.of(dicts.config.value)
+    for tcfg in (dicts.config.key, dicts.config.value):
+        if tcfg.coef_format.uses_ladder:
+            raise NotImplementedError(
+                f"the {tcfg.coef} coefficient format is not in the Triton kernels yet; on CUDA "
+                "use fp8 or fp16 coefficients (every preset does) or the CPU backend")
+        CodeFormat.of(tcfg)  # int formats and sampled atoms raise here
     if settings.outlier_threshold > 0:
         raise NotImplementedError("the outlier Guard (--csr-outlier-threshold) is not built "
                                   "on CUDA yet")

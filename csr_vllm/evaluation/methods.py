@@ -8,6 +8,7 @@ while decoding; group-wise ones (KIVI) are recomputed.
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from csr_vllm.codec.adaptation import (
     atom_limit,
     encode_adaptive,
 )
+from csr_vllm.codec.coefficients import CoefFormat
 from csr_vllm.codec.config import get_preset
 from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.codec.rope import apply_rope, rope_tables, undo_rope
@@ -34,6 +36,12 @@ class KVMethod(ABC):
     @abstractmethod
     def bits_per_channel(self, head_dim: int) -> float:
         """All-in storage bits per K/V channel."""
+
+    @property
+    def setting(self) -> str:
+        """What decides this method's output beyond its name (a preset's codec, its options):
+        results cached under a name are reused only while the setting is the same."""
+        return self.name
 
     @abstractmethod
     def compress(self, layer: int, keys: Tensor, values: Tensor,
@@ -151,6 +159,17 @@ class CSR(KVMethod):
         self.coded = 0
         self.guarded = 0
 
+    @property
+    def setting(self) -> str:
+        c = self.dicts.config
+
+        def tensor(t) -> str:
+            return f"{t.chunks}x{t.atoms_per_chunk}x{t.coef}/{t.num_atoms}{t.pursuit}"
+
+        extra = (f" adapt={self.adapt}/{self.block_size}" if self.adapt else "") + (
+            f" outliers={self.guard_fraction}" if self.guard_fraction else "")
+        return f"K {tensor(c.key)} V {tensor(c.value)} rope={c.key_rope}{extra}"
+
     def bits_per_channel(self, head_dim: int) -> float:
         if self.adapt:
             return adapted_bits_per_channel(self.dicts.config, head_dim,
@@ -246,19 +265,30 @@ def make_method(name: str, dict_dir: str | Path | None = None,
         base, options = _csr_options(name)
         dicts = DictionarySet.load(dict_dir, expect=shape)
         if base != "csr":  # a preset applied to the dictionary's atoms
-            dicts = dicts.with_codec(get_preset(base).config_for(dicts.shape.head_dim))
+            preset = get_preset(base)
+            # "+coef=log5" / "+vcoef=log3": the preset's budget with other coefficient formats
+            # (as many atoms as then fit), for measuring formats no preset uses.
+            if "coef" in options or "vcoef" in options:
+                kc = options.get("coef", preset.key_coef)
+                preset = dataclasses.replace(preset, key_coef=kc,
+                                             value_coef=options.get("vcoef", kc))
+            dicts = dicts.with_codec(preset.config_for(dicts.shape.head_dim))
         return CSR(dicts, name, guard_fraction=options.get("outliers", 0.0),
                    adapt=int(options.get("adapt", 0)))
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(PEERS)}, csr-<preset>")
 
 
-CSR_OPTIONS = {"outliers": float, "adapt": int}
+def _coef_name(v: str) -> str:
+    return CoefFormat(v).name  # raises ValueError listing the valid formats
 
 
-def _csr_options(name: str) -> tuple[str, dict[str, float]]:
+CSR_OPTIONS = {"outliers": float, "adapt": int, "coef": _coef_name, "vcoef": _coef_name}
+
+
+def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
     """``csr-2b+outliers=0.02+adapt=3`` -> ("csr-2b", {"outliers": 0.02, "adapt": 3})."""
     base, *parts = name.split("+")
-    options: dict[str, float] = {}
+    options: dict[str, float | str] = {}
     for part in parts:
         key, _, value = part.partition("=")
         if key not in CSR_OPTIONS:
@@ -267,9 +297,11 @@ def _csr_options(name: str) -> tuple[str, dict[str, float]]:
         try:
             options[key] = CSR_OPTIONS[key](value)
         except ValueError:
-            what = "outlier fraction" if key == "outliers" else f"{key} value"
+            what = {"outliers": "outlier fraction", "coef": "coefficient format (fp8, fp16, "
+                    "int3..int8, log3..log6)", "vcoef": "value coefficient format (fp8, fp16, "
+                    "int3..int8, log3..log6)"}.get(key, f"{key} value")
             raise ValueError(f"bad {what} in {name!r} (e.g. csr-2b+outliers=0.02+adapt=3)") \
                 from None
-        if options[key] < 0:
+        if not isinstance(options[key], str) and options[key] < 0:
             raise ValueError(f"{key} must be >= 0 in {name!r}")
     return base, options

@@ -260,7 +260,9 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
 
     Returns ``{method: {str(length): {"accuracy", "correct", "trials", "per_trial",
     "predictions"}}}`` (length keys are strings so the result survives a JSON round trip).
-    Entries already in ``results`` are kept, not recomputed, and ``on_result`` is called after
+    Entries already in ``results`` are kept, not recomputed, while their recorded ``setting``
+    equals the method's (:attr:`KVMethod.setting`; a preset that changed is rerun), and
+    ``on_result`` is called after
     each new trial, so a caller can persist a long sweep and resume it: an entry still being
     filled carries ``"complete": False`` and a resumed sweep continues it from its next trial
     (the trials are seeded, so they are the same ones). ``model``/``tokenizer`` default to
@@ -273,7 +275,8 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
 
     def finished(name: str, length: int) -> bool:
         entry = results.get(name, {}).get(str(length))
-        return entry is not None and entry.get("complete", True)
+        return (entry is not None and entry.get("complete", True)
+                and entry.get("setting") == methods[name].setting)
 
     if all(finished(n, length) for length in lengths for n in methods):
         return results
@@ -287,8 +290,10 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
         trials = generate_tasks(task, model_dir, length, samples, seed, cache_dir)
         for name in todo:
             entry = results.setdefault(name, {}).get(str(length))
-            if entry is None or len(entry.get("per_trial", [])) > len(trials):
-                entry = {"per_trial": [], "predictions": []}
+            if (entry is None or len(entry.get("per_trial", [])) > len(trials)
+                    or entry.get("setting") != methods[name].setting):
+                # New, or made with another setting of the same name: start over.
+                entry = {"per_trial": [], "predictions": [], "setting": methods[name].setting}
             entry["complete"] = False
             results[name][str(length)] = entry
 

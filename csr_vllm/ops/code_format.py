@@ -28,8 +28,8 @@ class CodeFormat:
         if self.coef not in COEF_FORMATS:
             raise NotImplementedError(
                 f"the Triton kernels implement coefficient formats {sorted(COEF_FORMATS)}; "
-                f"{self.coef!r} (a per-vector-scale integer format) runs on the CPU reference "
-                "path only")
+                f"{self.coef!r} (a per-vector-scale intB or a ladder logB format) runs on the "
+                "CPU backend only")
         if self.pursuit not in ("mp", "omp"):
             raise ValueError(f"pursuit must be 'mp' or 'omp', got {self.pursuit!r}")
         if self.num_atoms < 2 or self.chunks < 1 or self.atoms_per_chunk < 1:
