@@ -116,22 +116,32 @@ def test_run_ruler_keeps_cached_results_and_computes_nothing(tmp_path):
     assert out is cached and out["bf16"]["1024"]["correct"] == 3 and not calls
 
 
-def test_run_ruler_resumes_a_partial_entry_from_its_next_trial(tmp_path, monkeypatch):
-    """An interrupted length continues where it stopped, on the same seeded trials."""
+def fake_trials(monkeypatch, count: int, wrong: set[str] = frozenset()) -> list[str]:
+    """Replace RULER's generator and evaluation: ``count`` trials q0.., answered correctly
+    except those in ``wrong``; returns the list the inputs evaluated are appended to."""
     import csr_vllm.evaluation.ruler as ruler
-    from csr_vllm.evaluation.methods import make_method
 
-    trials = [ruler.RulerSample(index=i, input=f"q{i}", outputs=[str(i)], length=1024) for i in range(5)]
+    trials = [ruler.RulerSample(index=i, input=f"q{i}", outputs=[str(i)], length=1024)
+              for i in range(count)]
     monkeypatch.setattr(ruler, "generate_tasks", lambda *a, **k: trials)
-    seen = []
+    seen: list[str] = []
 
     def fake_evaluate(model, tokenizer, samples, method, guard, max_new_tokens, progress,
                       on_trial=None):
         for s in samples:
             seen.append(s.input)
-            on_trial(s.input != "q3", s.outputs[0])
+            on_trial(s.input not in wrong, s.outputs[0])
 
     monkeypatch.setattr(ruler, "evaluate", fake_evaluate)
+    return seen
+
+
+def test_run_ruler_resumes_a_partial_entry_from_its_next_trial(tmp_path, monkeypatch):
+    """An interrupted length continues where it stopped, on the same seeded trials."""
+    import csr_vllm.evaluation.ruler as ruler
+    from csr_vllm.evaluation.methods import make_method
+
+    seen = fake_trials(monkeypatch, 5, wrong={"q3"})
     partial = {"bf16": {"1024": {"per_trial": [True, False], "predictions": ["0", "x"],
                                  "correct": 1, "trials": 2, "complete": False,
                                  "setting": "bf16"}}}
@@ -155,18 +165,7 @@ def test_run_ruler_reruns_an_entry_made_with_another_setting(tmp_path, monkeypat
     import csr_vllm.evaluation.ruler as ruler
     from csr_vllm.evaluation.methods import make_method
 
-    trials = [ruler.RulerSample(index=i, input=f"q{i}", outputs=[str(i)], length=1024)
-              for i in range(3)]
-    monkeypatch.setattr(ruler, "generate_tasks", lambda *a, **k: trials)
-    seen = []
-
-    def fake_evaluate(model, tokenizer, samples, method, guard, max_new_tokens, progress,
-                      on_trial=None):
-        for s in samples:
-            seen.append(s.input)
-            on_trial(True, s.outputs[0])
-
-    monkeypatch.setattr(ruler, "evaluate", fake_evaluate)
+    seen = fake_trials(monkeypatch, 3)
     stale = {"bf16": {"1024": {"per_trial": [False] * 3, "predictions": ["x"] * 3,
                                "correct": 0, "trials": 3, "setting": "an old codec"}}}
     ruler.run_ruler(tmp_path, "niah_single_1", [1024], 3, {"bf16": make_method("bf16")}, 128,
