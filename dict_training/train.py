@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm import tqdm
@@ -100,16 +101,22 @@ def unit_ladder(x: Tensor, atoms: Tensor, seed: int) -> Tensor:
 
 
 def _has_ladder(partial: Path, unit: Unit, codec: CodecConfig, shape: ModelShape) -> bool:
-    """True when the unit's file holds a ladder of the current calibration's shape."""
-    ladder = load_file(partial / f"{unit.tag}.safetensors").get("ladder")
+    """True when the unit's file holds a ladder of the current calibration's shape (read from
+    the file's header, not by loading its tensors)."""
     tcfg = codec.key if unit.kind == "key" else codec.value
     p = ladder_positions(shape.head_dim // tcfg.chunks)
-    return ladder is not None and tuple(ladder.shape) == (p, p)
+    with safe_open(str(partial / f"{unit.tag}.safetensors"), "pt") as f:
+        # safe_open handles list their keys but do not support `in`.
+        return "ladder" in f.keys() and tuple(f.get_slice("ladder").get_shape()) == (p, p)  # noqa: SIM118
+
+
+def _split(kv, unit: Unit, split: int) -> tuple[Tensor, Tensor]:
+    """The unit's tensor (keys or values) of the collected K/V: training part, held-out part."""
+    src = kv.keys if unit.kind == "key" else kv.values
+    return src[:, :split], src[:, split:]
 
 
 def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as f:
         return f.metadata()
 
@@ -166,9 +173,8 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
         gen = torch.Generator().manual_seed(cfg.seed)
         for unit in tqdm(todo, desc="train dictionaries", disable=not progress):
             tcfg = codec.key if unit.kind == "key" else codec.value
-            src = kv.keys if unit.kind == "key" else kv.values
-            x = unit_vectors(src[:, :split], unit, codec, tcfg)
-            x_eval = unit_vectors(src[:, split:], unit, codec, tcfg)
+            x, x_eval = (unit_vectors(part, unit, codec, tcfg)
+                         for part in _split(kv, unit, split))
             gen.manual_seed(unit_seed(unit, cfg.seed))
             atoms, stats = train_unit(x, x_eval, tcfg, cfg, gen)
             ladder = unit_ladder(x, atoms, unit_seed(unit, cfg.seed))
@@ -178,8 +184,7 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
             path = partial / f"{unit.tag}.safetensors"
             atoms, meta = load_file(path)["atoms"], _metadata(path)
             tcfg = codec.key if unit.kind == "key" else codec.value
-            src = kv.keys if unit.kind == "key" else kv.values
-            x = unit_vectors(src[:, :split], unit, codec, tcfg)
+            x = unit_vectors(_split(kv, unit, split)[0], unit, codec, tcfg)
             ladder = unit_ladder(x, atoms, unit_seed(unit, cfg.seed))
             save_file({"atoms": atoms, "ladder": ladder}, path, metadata=meta)
     del model
@@ -198,8 +203,6 @@ def _units(shape: ModelShape, codec: CodecConfig) -> list[Unit]:
 
 
 def _assemble(shape: ModelShape, cfg: TrainConfig, units: list[Unit], partial: Path) -> DictionarySet:
-    from safetensors import safe_open
-
     codec = cfg.codec
     groups = -(-shape.num_layers // codec.layer_group)
     heads = shape.num_kv_heads if codec.per_head else 1
@@ -215,8 +218,7 @@ def _assemble(shape: ModelShape, cfg: TrainConfig, units: list[Unit], partial: P
         unit = load_file(path)
         atoms[u.kind][u.group, u.head, u.chunk] = unit["atoms"]
         ladders[u.kind][u.group, u.head, u.chunk] = unit["ladder"]
-        with safe_open(str(path), "pt") as f:
-            all_stats[u.tag] = json.loads(f.metadata()["stats"])
+        all_stats[u.tag] = json.loads(_metadata(path)["stats"])
     info = {"preset": cfg.preset, "training": _jsonable(asdict(cfg)), "units": all_stats,
             "summary": _summary(all_stats)}
     return DictionarySet(codec, shape, atoms["key"], atoms["value"], info,
