@@ -52,7 +52,6 @@ def test_backend_is_a_triton_backend_with_csr_pages():
 @pytest.mark.parametrize("make, settings, match", [
     (lambda: _dicts(per_head=True), CSRSettings(), "per-head"),
     (lambda: _dicts(coef="int5"), CSRSettings(), "coefficient formats"),
-    (lambda: _dicts(coef="log5"), CSRSettings(), "log5 .*every preset"),
     (_dicts, CSRSettings(outlier_threshold=0.3), "outlier Guard"),
 ])
 def test_backend_refuses_what_the_kernels_do_not_implement(make, settings, match):
@@ -66,6 +65,20 @@ def test_identity_dictionary_is_accepted():
     from csr_vllm.engine.cuda_backend import CSRCudaBackend
 
     CSRCudaBackend.configure(identity_dictionary(SHAPE), CSRSettings())
+
+
+def test_ladder_formats_are_accepted_with_their_tables():
+    """logB codes (csr-2b's format) run on the kernels, each layer with its ladder table."""
+    from csr_vllm.engine.cuda_backend import CSRCudaBackend, DeviceState
+
+    dicts = _dicts(coef="log5")
+    CSRCudaBackend.configure(dicts, CSRSettings())
+    st = DeviceState(dicts, torch.device("cpu"), 32, 16, torch.float32, 4)
+    assert len(st.key_ladders) == SHAPE.num_layers
+    assert st.key_ladders[1].shape == (1, 3, 16) and st.value_ladders[0].shape == (1, 2, 16)
+    assert st.key_ladders[0][0, 2, 0] == 1.0 and st.key_ladders[0][0, 2, 15] == 2.0 ** -6
+    assert DeviceState(_dicts(), torch.device("cpu"), 32, 16, torch.float32, 4).key_ladders \
+        == [None, None]
 
 
 def test_metadata_positions_and_decode_split():

@@ -57,13 +57,25 @@ def _atoms(c, a, dc):
     return (x / x.norm(dim=-1, keepdim=True)).float().to(DEV)
 
 
-def _codecs(a, d, ck, sk, cv, sv, coef, pursuit):
+def _codec(a, c, s, d, coef, pursuit, spread):
+    """A codec over random atoms; logB formats get ladder tops calibrated as a dictionary's
+    are (csr_vllm.codec.coefficients.ladder_tops) on vectors like the test's (randn x spread),
+    so the ladder both clips and floors some of the test's coefficients."""
     from csr_vllm.codec.codec import TensorCodec
+    from csr_vllm.codec.coefficients import ladder_tops
     from csr_vllm.codec.config import TensorCodecConfig
 
-    kc = TensorCodecConfig(a, ck, sk, coef, pursuit)
-    vc = TensorCodecConfig(a, cv, sv, coef, pursuit)
-    return TensorCodec(kc, _atoms(ck, a, d // ck)), TensorCodec(vc, _atoms(cv, a, d // cv))
+    cfg = TensorCodecConfig(a, c, s, coef, pursuit)
+    atoms = _atoms(c, a, d // c)
+    ladder = None
+    if cfg.coef_format.uses_ladder:
+        ladder = torch.stack([ladder_tops(torch.randn(256, d // c) * spread, atoms[i].cpu(), s)
+                              [s - 1, :s] for i in range(c)]).to(DEV)
+    return TensorCodec(cfg, atoms, ladder)
+
+
+def _codecs(a, d, ck, sk, cv, sv, coef, pursuit):
+    return (_codec(a, ck, sk, d, coef, pursuit, 2.0), _codec(a, cv, sv, d, coef, pursuit, 1.0))
 
 
 def _fmts(kcod, vcod):
@@ -72,10 +84,16 @@ def _fmts(kcod, vcod):
     return CodeFormat.of(kcod.config), CodeFormat.of(vcod.config)
 
 
+def _ladders(kcod, vcod) -> dict:
+    """The kernels' ladder-table arguments (None for fp8 / fp16)."""
+    return {"key_ladder": kcod.ladder_table(), "value_ladder": vcod.ladder_table()}
+
+
 def _cpu_codec(codec):
     from csr_vllm.codec.codec import TensorCodec
 
-    return TensorCodec(codec.config, codec.atoms.cpu())
+    ladder = None if codec.ladder is None else codec.ladder.cpu()
+    return TensorCodec(codec.config, codec.atoms.cpu(), ladder)
 
 
 ENCODE_CASES = [  # pursuit, coef, (key chunks, atoms), (value chunks, atoms), key_rope
@@ -83,6 +101,8 @@ ENCODE_CASES = [  # pursuit, coef, (key chunks, atoms), (value chunks, atoms), k
     ("omp", "fp8", (1, 2), (2, 2), "post"),
     ("mp", "fp16", (2, 2), (1, 4), "pre"),
     ("mp", "fp8", (1, 3), (1, 2), "post"),
+    ("omp", "log5", (1, 4), (2, 2), "pre"),
+    ("mp", "log3", (2, 2), (1, 3), "post"),
 ]
 
 
@@ -101,7 +121,8 @@ def _encode_case(seed, pursuit, coef, kcs, vcs, rope, n, h, d, a, bs, nblocks):
                           dtype=torch.uint8, device=DEV)
     ref = cache.clone()
     cos, sin = rope_rows(positions, d, THETA) if rope == "pre" else (None, None)
-    encode_store(key, value, slots, cache, kcod.atoms, vcod.atoms, kf, vf, cos, sin)
+    encode_store(key, value, slots, cache, kcod.atoms, vcod.atoms, kf, vf, cos, sin,
+                 **_ladders(kcod, vcod))
     kc_cpu, vc_cpu = _cpu_codec(kcod), _cpu_codec(vcod)
     ref = ref.cpu()
     encode_store_reference(key.cpu(), value.cpu(), positions.cpu(), slots.cpu(), ref, kc_cpu,
@@ -157,6 +178,15 @@ def test_encode_store_refuses_bad_input(seed):
         encode_store(key, key, slots, bad, kcod.atoms, vcod.atoms, kf, vf)
     with pytest.raises(NotImplementedError, match="coefficient formats"):
         CodeFormat(32, 1, 2, "int5")
+    lcod, _ = _codecs(32, 16, 1, 2, 1, 2, "log5", "omp")
+    lf = CodeFormat.of(lcod.config)
+    lcache = torch.zeros(2, 1, 4, 2 * lf.slot_bytes, dtype=torch.uint8, device=DEV)
+    with pytest.raises(ValueError, match=r"log5 codes need a contiguous float32 ladder "
+                                         r"table \(1, 2, 16\)"):
+        encode_store(key, key, slots, lcache, lcod.atoms, lcod.atoms, lf, lf)
+    with pytest.raises(ValueError, match="a ladder table was given for fp8"):
+        encode_store(key, key, slots, bad[..., :-1], kcod.atoms, vcod.atoms, kf, vf,
+                     key_ladder=lcod.ladder_table())
     with pytest.raises(ValueError, match="do not match"):
         encode_store(key, key, slots, bad[..., :-1], vcod.atoms[:, :16], vcod.atoms, kf, vf)
 
@@ -166,6 +196,8 @@ DECODE_CASES = [  # coef, (key chunks, atoms), (value chunks, atoms), key_rope
     ("fp8", (1, 3), (1, 2), "pre"),
     ("fp16", (2, 2), (2, 1), "post"),
     ("fp16", (2, 1), (1, 2), "pre"),
+    ("log5", (1, 3), (2, 2), "pre"),
+    ("log4", (2, 2), (1, 3), "post"),
 ]
 
 
@@ -186,7 +218,7 @@ def _paged_codes(seed, kcod, vcod, seq_lens, h, d, bs, rope, extra_blocks=3):
     cos, sin = rope_rows(pos, d, THETA) if rope == "pre" else (None, None)
     n = len(pos)
     encode_store(torch.randn(n, h, d, device=DEV), torch.randn(n, h, d, device=DEV), slots,
-                 cache, kcod.atoms, vcod.atoms, kf, vf, cos, sin)
+                 cache, kcod.atoms, vcod.atoms, kf, vf, cos, sin, **_ladders(kcod, vcod))
     return cache, table
 
 
@@ -214,10 +246,12 @@ def _decode_case(seed, coef, kcs, vcs, rope, seq_lens, n_tail, h, g, d, a, bs, s
     with pytest.raises(ValueError, match="workspace"):
         sparse_decode_attention(q, cache, table, seq_lens.to(DEV), n_tail.to(DEV), tail_k,
                                 tail_v, kcod.atoms, vcod.atoms, kf, vf, scale, *tables,
-                                split_tokens=split, workspace=workspace[: need - 1])
+                                split_tokens=split, workspace=workspace[: need - 1],
+                                **_ladders(kcod, vcod))
     out = sparse_decode_attention(q, cache, table, seq_lens.to(DEV), n_tail.to(DEV), tail_k,
                                   tail_v, kcod.atoms, vcod.atoms, kf, vf, scale, *tables,
-                                  split_tokens=split, workspace=workspace)
+                                  split_tokens=split, workspace=workspace,
+                                  **_ladders(kcod, vcod))
     args = (q.cpu(), cache.cpu(), table.cpu(), seq_lens, n_tail, tail_k.cpu(), tail_v.cpu(),
             _cpu_codec(kcod), _cpu_codec(vcod), scale, rope == "pre", THETA)
     ref64 = sparse_decode_reference(*args, dtype=torch.float64)
@@ -240,7 +274,7 @@ def test_sparse_decode_real_shapes(seed, rope):
                  n_tail=[128, 64, 1, 1], h=8, g=4, d=128, a=8192, bs=16, split=1024)
 
 
-@pytest.mark.parametrize("coef, kcs, vcs, rope", DECODE_CASES[:2])
+@pytest.mark.parametrize("coef, kcs, vcs, rope", [*DECODE_CASES[:2], DECODE_CASES[4]])
 def test_decode_pages_matches_reference(seed, coef, kcs, vcs, rope):
     from csr_vllm.ops.encode import rope_rows
     from csr_vllm.ops.reconstruct import decode_pages
@@ -258,7 +292,8 @@ def test_decode_pages_matches_reference(seed, coef, kcs, vcs, rope):
     v_out = torch.full_like(k_out, float("nan"))
     tables = rope_rows(torch.arange(60 * bs, device=DEV), d, THETA) if rope == "pre" \
         else (None, None)
-    decode_pages(cache, blocks, kcod.atoms, vcod.atoms, kf, vf, k_out, v_out, pos0, *tables)
+    decode_pages(cache, blocks, kcod.atoms, vcod.atoms, kf, vf, k_out, v_out, pos0, *tables,
+                 **_ladders(kcod, vcod))
     args = (cache.cpu(), blocks.cpu(), pos0.cpu(), _cpu_codec(kcod), _cpu_codec(vcod),
             rope == "pre", THETA)
     k64, v64 = decode_pages_reference(*args, torch.float64)
@@ -267,26 +302,29 @@ def test_decode_pages_matches_reference(seed, coef, kcs, vcs, rope):
         _assert_float32_noise(got, r64, r32, f"seed {seed}")
 
 
-def test_custom_ops_fake_impls_and_schema(seed):
+@pytest.mark.parametrize("coef", ["fp8", "log5"])
+def test_custom_ops_fake_impls_and_schema(seed, coef):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from csr_vllm.ops import library  # noqa: F401  (registers torch.ops.csr.*)
 
     h, g, d, a, bs = 1, 2, 16, 32, 4
-    kcod, vcod = _codecs(a, d, 1, 2, 1, 2, "fp8", "omp")
+    kcod, vcod = _codecs(a, d, 1, 2, 1, 2, coef, "omp")
     kf, vf = _fmts(kcod, vcod)
+    lad = (kcod.ladder_table(), vcod.ladder_table())
     seq_lens = torch.tensor([6, 3])
     cache, table = _paged_codes(seed, kcod, vcod, seq_lens, h, d, bs, "post")
     q = torch.randn(2, h * g, d, device=DEV)
     tail = torch.randn(2, 2, h, d, device=DEV)
     dec_args = (q, cache, table, seq_lens.to(DEV), torch.tensor([1, 2], device=DEV), tail, tail,
-                kcod.atoms, vcod.atoms, kf.to_ints(), vf.to_ints(), 0.25, None, None, 0, 0, None)
+                kcod.atoms, vcod.atoms, kf.to_ints(), vf.to_ints(), 0.25, None, None, 0, 0, None,
+                *lad)
     enc_args = (torch.randn(3, h, d, device=DEV), torch.randn(3, h, d, device=DEV),
                 torch.tensor([0, 5, -1], device=DEV), cache.clone(), kcod.atoms, vcod.atoms,
-                kf.to_ints(), vf.to_ints(), None, None, None)
+                kf.to_ints(), vf.to_ints(), None, None, None, *lad)
     out = torch.empty(1, bs, h, d, device=DEV)
     pages_args = (cache, table[0, :1].contiguous(), kcod.atoms, vcod.atoms, kf.to_ints(),
-                  vf.to_ints(), out, out.clone(), None, None, None)
+                  vf.to_ints(), out, out.clone(), None, None, None, *lad)
     utils = ("test_schema", "test_faketensor")
     torch.library.opcheck(torch.ops.csr.sparse_decode.default, dec_args, test_utils=utils)
     torch.library.opcheck(torch.ops.csr.encode_store.default, enc_args, test_utils=utils)

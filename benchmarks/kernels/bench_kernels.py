@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--atoms", type=int, default=8192)
     p.add_argument("--preset", default="csr-2b", choices=sorted(PRESET_BITS))
+    p.add_argument("--coef", default="fp8", choices=["fp8", "fp16", "log5"],
+                   help="coefficient format (log5: codes read through a ladder table)")
     p.add_argument("--key-rope", default="post", choices=["post", "pre"])
     p.add_argument("--window", type=int, default=128, help="exact tail tokens per sequence")
     p.add_argument("--repeats", type=int, default=20)
@@ -55,11 +57,24 @@ def parse_args(argv=None):
     return args
 
 
-def atoms_per_vector(bits: float, head_dim: int, num_atoms: int) -> int:
-    """Atoms a preset fits per vector (fp8 coefficients, ceil(log2 A)-bit indices; as
-    csr_vllm.codec.config.Preset, without importing the codec package)."""
+def atoms_per_vector(bits: float, head_dim: int, num_atoms: int, coef_bits: int = 8) -> int:
+    """Atoms a preset fits per vector (``coef_bits`` coefficients, ceil(log2 A)-bit indices;
+    as csr_vllm.codec.config.Preset, without importing the codec package)."""
     budget = int(bits * head_dim) // 8 * 8
-    return budget // (8 + max(1, math.ceil(math.log2(num_atoms))))
+    return budget // (coef_bits + max(1, math.ceil(math.log2(num_atoms))))
+
+
+def ladder_table(fmt, device):
+    """A plausible [C, S, M] ladder table for ``logB`` codes (tops falling with the pursuit
+    position, 6 octaves below each); its values do not change the kernels' work."""
+    import torch
+
+    if not fmt.uses_ladder:
+        return None
+    tops = 1.0 / torch.arange(1, fmt.atoms_per_chunk + 1, dtype=torch.float32).sqrt()
+    m = fmt.ladder_levels
+    steps = torch.exp2(torch.arange(m, dtype=torch.float32) * (-6.0 / (m - 1)))
+    return (tops[:, None] * steps).expand(fmt.chunks, -1, -1).contiguous().to(device)
 
 
 def main(argv=None) -> int:
@@ -79,9 +94,12 @@ def main(argv=None) -> int:
     dev = "cpu" if args.interpret else "cuda"
     torch.manual_seed(0)
     h, d, bs, a = args.kv_heads, args.head_dim, args.block_size, args.atoms
-    s = atoms_per_vector(PRESET_BITS[args.preset], d, a)
-    fmt = CodeFormat(a, 1, s, "fp8", "omp")
+    coef_bits = {"fp8": 8, "fp16": 16, "log5": 5}[args.coef]
+    s = atoms_per_vector(PRESET_BITS[args.preset], d, a, coef_bits)
+    fmt = CodeFormat(a, 1, s, args.coef, "omp")
     slot = 2 * fmt.slot_bytes
+    lad = ladder_table(fmt, dev)
+    ladders = {"key_ladder": lad, "value_ladder": lad}
 
     def timed(fn) -> float:
         """Median seconds of fn over the repeats (one warm-up call first)."""
@@ -119,7 +137,7 @@ def main(argv=None) -> int:
     pool_pos = torch.arange(pool_n, device=dev)
     rope = rope_rows(pool_pos, d, 500000.0) if args.key_rope == "pre" else (None, None)
     encode_store(torch.randn(pool_n, h, d, device=dev), torch.randn(pool_n, h, d, device=dev),
-                 pool_pos, pool, katoms, vatoms, fmt, fmt, *rope)
+                 pool_pos, pool, katoms, vatoms, fmt, fmt, *rope, **ladders)
     pool_slots = pool.permute(0, 2, 1, 3).reshape(-1, h, slot)[:pool_n]
 
     dense_fn_name = "sdpa-gather"
@@ -132,13 +150,14 @@ def main(argv=None) -> int:
             unified = None
     ctx_ = {"args": args, "dev": dev, "fmt": fmt, "slot": slot, "katoms": katoms,
             "vatoms": vatoms, "pool_slots": pool_slots, "pool_n": pool_n, "unified": unified,
-            "timed": timed}
+            "timed": timed, "ladders": ladders}
     rows = [bench_shape(ctx_, b, ctx) for ctx in [int(x) for x in args.context.split(",")]
             for b in [int(x) for x in args.batch.split(",")]]
     device = "cpu (Triton interpreter; smoke run, timings meaningless)" if args.interpret \
         else torch.cuda.get_device_name()
     print(f"device: {device}; dense baseline: {dense_fn_name}; preset {args.preset} "
-          f"({s} + {s} atoms, {slot}-byte slot vs {4 * d} bf16); keys {args.key_rope}-RoPE; "
+          f"({s} + {s} atoms of {args.coef}, {slot}-byte slot vs {4 * d} bf16); keys "
+          f"{args.key_rope}-RoPE; "
           f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     print("| batch | context | sparse ms | sparse GB/s (% copy) | dense ms | dense GB/s | "
           "dense/sparse | encode ms | encode Mvec/s | encode/decode |")
@@ -152,7 +171,7 @@ def main(argv=None) -> int:
               + f" | {r['encode_ms']:.3f} | {r['encode_vectors_per_s'] / 1e6:.2f} | "
               f"{100 * r['encode_over_decode']:.1f}% |")
     print(json.dumps({"device": device, "dense_baseline": dense_fn_name, "preset": args.preset,
-                      "key_rope": args.key_rope, "copy_gbps": copy_bw / 1e9, "rows": rows}))
+                      "coef": args.coef, "key_rope": args.key_rope, "copy_gbps": copy_bw / 1e9, "rows": rows}))
     return 0
 
 
@@ -165,6 +184,7 @@ def bench_shape(env: dict, b: int, ctx: int) -> dict:
 
     args, dev, fmt, slot, timed = env["args"], env["dev"], env["fmt"], env["slot"], env["timed"]
     katoms, vatoms, unified = env["katoms"], env["vatoms"], env["unified"]
+    ladders = env["ladders"]
     hq, h, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
     row = {"batch": b, "context": ctx}
     mb = -(-ctx // bs)
@@ -183,7 +203,7 @@ def bench_shape(env: dict, b: int, ctx: int) -> dict:
     tables = rope_rows(torch.arange(ctx, device=dev), d, 500000.0) if pre else (None, None)
     sparse_s = timed(lambda: sparse_decode_attention(
         q, cache, table, seq, ntail, tail_k, tail_v, katoms, vatoms, fmt, fmt, d ** -0.5,
-        *tables, max_seq_len=ctx))
+        *tables, max_seq_len=ctx, **ladders))
     sparse_bytes = b * h * ((ctx - w) * 3 * fmt.slot_bytes + w * d * 2 * 2)
     row.update(sparse_ms=sparse_s * 1e3, sparse_gbps=sparse_bytes / sparse_s / 1e9)
     cache = None  # free the codes before the dense cache is allocated
@@ -194,7 +214,7 @@ def bench_shape(env: dict, b: int, ctx: int) -> dict:
     new_slots = torch.arange(b, device=dev)
     erope = rope_rows(seq.long() - 1, d, 500000.0) if pre else (None, None)
     enc_s = timed(lambda: encode_store(new_k, new_v, new_slots, scratch, katoms, vatoms, fmt,
-                                       fmt, *erope))
+                                       fmt, *erope, **ladders))
     row.update(encode_ms=enc_s * 1e3, encode_vectors_per_s=2 * b * h / enc_s,
                encode_over_decode=enc_s / sparse_s)
     if dense_gib * (1 if unified else 2) > args.max_gib:

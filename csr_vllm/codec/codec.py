@@ -111,6 +111,15 @@ class TensorCodec:
 
         return quantize
 
+    def ladder_table(self) -> Tensor | None:
+        """[C, S, M] float32: entry ``[c, s, i]`` is what magnitude index i of field (c, s)
+        of a ``logB`` code reads back as (top x ladder step, the product :meth:`decode`
+        computes), the table the Triton kernels read; None for the other formats."""
+        if self.ladder is None:
+            return None
+        steps = self.fmt.ladder_steps(torch.float32)
+        return (self.ladder.float()[..., None] * steps).contiguous()
+
     @property
     def _tops(self) -> Tensor | None:
         """Ladder tops in code field order (chunk-major), or None."""

@@ -26,7 +26,7 @@ engine start, the forward paths above, CUDA-graph behaviour (declared ``NEVER`` 
 prefill path loops over requests on the host). Not built on CUDA yet: the dense-window Guard
 (exact data is the in-flight tokens only; a warning says so when ``guard_window > 0``), the
 outlier Guard (refused), per-head dictionaries and sampled atoms (refused), integer
-coefficient formats (refused by the kernels).
+coefficient formats (refused by the kernels; fp8, fp16 and logB are in them).
 """
 
 from __future__ import annotations
@@ -62,10 +62,6 @@ def check_cuda_support(dicts: DictionarySet, settings: CSRSettings) -> None:
         raise NotImplementedError("per-head dictionaries are not in the CUDA kernels yet; use "
                                   "a per-layer dictionary or the CPU backend")
     for tcfg in (dicts.config.key, dicts.config.value):
-        if tcfg.coef_format.uses_ladder:
-            raise NotImplementedError(
-                f"the {tcfg.coef} coefficient format is not in the Triton kernels yet; on CUDA "
-                "use fp8 or fp16 coefficients (every preset does) or the CPU backend")
         CodeFormat.of(tcfg)  # int formats and sampled atoms raise here
     if settings.outlier_threshold > 0:
         raise NotImplementedError("the outlier Guard (--csr-outlier-threshold) is not built "
@@ -96,6 +92,10 @@ class CSRCudaBackend(CSRBackendSpec, TritonAttentionBackend):
         return CSRCudaMetadataBuilder
 
 
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device).contiguous()
+
+
 DECODE_CHUNK = 64  # decode rows per sparse-decode launch (bounds its reserved workspace)
 
 
@@ -119,6 +119,10 @@ class DeviceState:
                           for i in range(shape.num_layers)]
         self.value_atoms = [dicts.codec("value", i, 0).atoms.to(device, torch.float32)
                             .contiguous() for i in range(shape.num_layers)]
+        # logB codes: each layer's [C, S, M] ladder table (None for fp8 / fp16).
+        self.key_ladders, self.value_ladders = (
+            [_on(dicts.codec(kind, i, 0).ladder_table(), device)
+             for i in range(shape.num_layers)] for kind in ("key", "value"))
         self.pre_rope = dicts.config.key_rope == "pre"
         self.rope_cos = self.rope_sin = None
         if self.pre_rope:
@@ -142,7 +146,8 @@ class DeviceState:
     def nbytes(self) -> int:
         tensors = [*self.key_atoms, *self.value_atoms, self.scratch_k, self.scratch_v,
                    self.encode_ws, self.decode_ws]
-        tensors += [t for t in (self.rope_cos, self.rope_sin) if t is not None]
+        tensors += [t for t in (self.rope_cos, self.rope_sin, *self.key_ladders,
+                                *self.value_ladders) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @classmethod
@@ -247,7 +252,8 @@ class CSRCudaImpl(TritonAttentionImpl):
             cos, sin = st.rope_cos[pos].contiguous(), st.rope_sin[pos].contiguous()
         torch.ops.csr.encode_store(key[:n], value[:n], slot_mapping[:n], kv_cache,
                                    st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
-                                   st.value_fmt.to_ints(), cos, sin, st.encode_ws)
+                                   st.value_fmt.to_ints(), cos, sin, st.encode_ws,
+                                   st.key_ladders[i], st.value_ladders[i])
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
@@ -270,7 +276,8 @@ class CSRCudaImpl(TritonAttentionImpl):
                 key[r0:r1, None], value[r0:r1, None],  # the in-flight tokens, exact
                 st.key_atoms[i], st.value_atoms[i], st.key_fmt.to_ints(),
                 st.value_fmt.to_ints(), self.scale, st.rope_cos, st.rope_sin,
-                int(meta.csr_seq_lens_cpu[r0:r1].max()), 0, st.decode_ws)
+                int(meta.csr_seq_lens_cpu[r0:r1].max()), 0, st.decode_ws, st.key_ladders[i],
+                st.value_ladders[i])
             out3[r0:r1] = res.to(output.dtype)
         qsl, seqs = meta.csr_query_start_loc_cpu, meta.csr_seq_lens_cpu
         from vllm.v1.attention.ops.triton_unified_attention import unified_attention
@@ -284,7 +291,8 @@ class CSRCudaImpl(TritonAttentionImpl):
             pos0 = torch.arange(nb, device=query.device) * bs
             torch.ops.csr.decode_pages(kv_cache, blocks, st.key_atoms[i], st.value_atoms[i],
                                        st.key_fmt.to_ints(), st.value_fmt.to_ints(), sk, sv,
-                                       pos0 if st.pre_rope else None, st.rope_cos, st.rope_sin)
+                                       pos0 if st.pre_rope else None, st.rope_cos, st.rope_sin,
+                                       st.key_ladders[i], st.value_ladders[i])
             own = torch.arange(t - (q1 - q0), t, device=query.device)  # the chunk, exact
             sk.view(-1, *sk.shape[2:])[own] = key[q0:q1].to(sk.dtype)
             sv.view(-1, *sv.shape[2:])[own] = value[q0:q1].to(sv.dtype)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-COEF_FORMATS = {"fp8": 8, "fp16": 16}  # the formats the kernels implement (no per-vector scale)
-COEF_IDS = {"fp8": 0, "fp16": 1}
+import torch
+
+# The formats the kernels implement: no per-vector scale. A ``logB`` code is read through its
+# layer's ladder table (:attr:`CodeFormat.uses_ladder`); its id is B, so ids stay distinct.
+COEF_FORMATS = {"fp8": 8, "fp16": 16} | {f"log{b}": b for b in range(3, 7)}
+COEF_IDS = {"fp8": 0, "fp16": 1} | {f"log{b}": b for b in range(3, 7)}
 
 
 @dataclass(frozen=True)
@@ -28,8 +32,7 @@ class CodeFormat:
         if self.coef not in COEF_FORMATS:
             raise NotImplementedError(
                 f"the Triton kernels implement coefficient formats {sorted(COEF_FORMATS)}; "
-                f"{self.coef!r} (a per-vector-scale intB or a ladder logB format) runs on the "
-                "CPU backend only")
+                f"{self.coef!r} (a per-vector-scale intB format) runs on the CPU backend only")
         if self.pursuit not in ("mp", "omp"):
             raise ValueError(f"pursuit must be 'mp' or 'omp', got {self.pursuit!r}")
         if self.num_atoms < 2 or self.chunks < 1 or self.atoms_per_chunk < 1:
@@ -69,6 +72,31 @@ class CodeFormat:
     @property
     def coef_id(self) -> int:
         return COEF_IDS[self.coef]
+
+    @property
+    def uses_ladder(self) -> bool:
+        """``logB``: coefficients are read through a ladder table (:meth:`check_ladder`)."""
+        return self.coef.startswith("log")
+
+    @property
+    def ladder_levels(self) -> int:
+        """M = 2^(B-1) magnitudes of a ``logB`` ladder (0 for other formats)."""
+        return 1 << (self.coef_bits - 1) if self.uses_ladder else 0
+
+    def check_ladder(self, ladder: torch.Tensor | None, what: str) -> None:
+        """A ``logB`` code needs its layer's ladder table: float32 [C, S, M], contiguous,
+        entry ``[c, s, i]`` = what magnitude index i of field (c, s) reads back as
+        (``TensorCodec.ladder_table``); other formats take None."""
+        if not self.uses_ladder:
+            if ladder is not None:
+                raise ValueError(f"{what}: a ladder table was given for {self.coef} codes")
+            return
+        want = (self.chunks, self.atoms_per_chunk, self.ladder_levels)
+        if ladder is None or tuple(ladder.shape) != want or not ladder.is_contiguous() or \
+                ladder.dtype != torch.float32:
+            got = None if ladder is None else (tuple(ladder.shape), ladder.dtype)
+            raise ValueError(f"{what}: {self.coef} codes need a contiguous float32 ladder "
+                             f"table {want}, got {got}")
 
     @property
     def index_bits(self) -> int:

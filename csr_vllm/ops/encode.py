@@ -35,7 +35,7 @@ EPS = tl.constexpr(1e-12)  # a constexpr: compiled kernels cannot read plain glo
 
 @jit
 def _encode_kernel(
-    x_ptr, sxn, sxh, cos_ptr, sin_ptr, atoms_ptr, slot_ptr,
+    x_ptr, sxn, sxh, cos_ptr, sin_ptr, atoms_ptr, ladder_ptr, slot_ptr,
     cache_ptr, scb, sch, sct, byte_base, work_ptr,
     n_rows, H, A, BS,
     D: tl.constexpr, DC: tl.constexpr, C: tl.constexpr, S: tl.constexpr, S_P2: tl.constexpr,
@@ -115,7 +115,7 @@ def _encode_kernel(
                     r = r - tl.sum(r * q, 1)[:, None] * q
                 else:
                     cval = tl.where(take_min, best_nv, best_pv)
-                    code, val = quantize_coef(cval, COEF_FMT)
+                    code, val = quantize_coef(cval, COEF_FMT, ladder_ptr, c * S + s)
                     acc = pack_field(acc, cb, (c * S + s) * CB, code)
                     acc = pack_field(acc, cb, idx_off + (c * S + s) * IB, j)
                     r = r - val[:, None] * d
@@ -141,7 +141,7 @@ def _encode_kernel(
                     ek = tl.load(work + k * M * DC + wofs)
                     nk = tl.sum(tl.where(cs[None, :] == k, nrms, 0.0), 1)
                     free = tl.where(nk > EPS, tl.sum(target * ek, 1) / tl.maximum(nk, EPS), 0.0)
-                    code, val = quantize_coef(free, COEF_FMT)
+                    code, val = quantize_coef(free, COEF_FMT, ladder_ptr, c * S + k)
                     acc = pack_field(acc, cb, (c * S + k) * CB, code)
                     acc = pack_field(acc, cb, idx_off + (c * S + k) * IB, jk)
                     dk = tl.load(atoms_c + jk[:, None] * DC + cd[None, :])
@@ -170,6 +170,7 @@ def encode_store(
     value_fmt: CodeFormat, rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None, block_m: int = 16, block_a: int | None = None,
     num_programs: int | None = None, workspace: torch.Tensor | None = None,
+    key_ladder: torch.Tensor | None = None, value_ladder: torch.Tensor | None = None,
 ) -> None:
     """Encode ``key``/``value`` [N, H, D] and write their packed slots into ``kv_cache``.
 
@@ -185,6 +186,8 @@ def encode_store(
             (:func:`rope_rows`), else None.
         workspace: float32 scratch of the OMP basis (reserved by the caller); None = allocate.
             Its size bounds the programs: :func:`workspace_floats` per program.
+        key_ladder, value_ladder: float32 [C, S, M] ladder tables of ``logB`` codes
+            (:meth:`CodeFormat.check_ladder`), else None.
     """
     n, h, d = key.shape
     check_device(key, value, slot_mapping, kv_cache, key_atoms, value_atoms)
@@ -200,6 +203,8 @@ def encode_store(
                          f"{key_fmt.slot_bytes} + {value_fmt.slot_bytes}-byte code")
     _check_atoms(key_atoms, key_fmt, d, "key")
     _check_atoms(value_atoms, value_fmt, d, "value")
+    key_fmt.check_ladder(key_ladder, "key")
+    value_fmt.check_ladder(value_ladder, "value")
     pre_rope = rope_cos is not None
     if pre_rope != (rope_sin is not None):
         raise ValueError("give both rope_cos and rope_sin or neither")
@@ -209,10 +214,10 @@ def encode_store(
                 raise ValueError(f"rope tables must be contiguous float32 [{n}, {d}]")
     if n == 0:
         return
-    dummy = key_atoms  # stands in for absent tables (never read: PRE_ROPE is a constant)
-    for x, atoms, fmt, base, rope in (
-        (key, key_atoms, key_fmt, 0, pre_rope),
-        (value, value_atoms, value_fmt, key_fmt.slot_bytes, False),
+    dummy = key_atoms  # stands in for absent tables (never read: PRE_ROPE, COEF_FMT are constants)
+    for x, atoms, ladder, fmt, base, rope in (
+        (key, key_atoms, key_ladder, key_fmt, 0, pre_rope),
+        (value, value_atoms, value_ladder, value_fmt, key_fmt.slot_bytes, False),
     ):
         if x.stride(2) != 1:
             x = x.contiguous()
@@ -236,7 +241,8 @@ def encode_store(
         ba = block_a or min(next_pow2(fmt.num_atoms), 1024 if INTERPRET else 64)
         _encode_kernel[(progs,)](
             x, x.stride(0), x.stride(1),
-            rope_cos if rope else dummy, rope_sin if rope else dummy, atoms, slot_mapping,
+            rope_cos if rope else dummy, rope_sin if rope else dummy, atoms,
+            dummy if ladder is None else ladder, slot_mapping,
             kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), base, work,
             rows, h, fmt.num_atoms, kv_cache.shape[2],
             D=d, DC=dc, C=fmt.chunks, S=fmt.atoms_per_chunk,

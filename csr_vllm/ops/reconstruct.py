@@ -18,7 +18,7 @@ from csr_vllm.ops.code_format import CodeFormat
 
 
 @jit
-def _decode_tensor(base, atoms_ptr, tm, A, D: tl.constexpr, cols, C: tl.constexpr,
+def _decode_tensor(base, atoms_ptr, ladder_ptr, tm, A, D: tl.constexpr, cols, C: tl.constexpr,
                    S: tl.constexpr, DC: tl.constexpr, NBYTES: tl.constexpr, CB: tl.constexpr,
                    IB: tl.constexpr, FMT: tl.constexpr, BS: tl.constexpr):
     """Sum of coefficient-weighted atoms at columns ``cols`` [D] of each row ([BS, D])."""
@@ -27,7 +27,7 @@ def _decode_tensor(base, atoms_ptr, tm, A, D: tl.constexpr, cols, C: tl.constexp
         c = k // S
         code = read_field(base, k * CB, CB, NBYTES, tm)
         idx = read_field(base, C * S * CB + k * IB, IB, NBYTES, tm)
-        coef = tl.where(tm, decode_coef(code, FMT), 0.0)
+        coef = tl.where(tm, decode_coef(code, FMT, ladder_ptr, k), 0.0)
         inch = (cols // DC) == c
         arow = atoms_ptr + (c * A + idx).to(tl.int64) * DC
         out += coef[:, None] * tl.load(arow[:, None] + (cols - c * DC)[None, :],
@@ -37,7 +37,8 @@ def _decode_tensor(base, atoms_ptr, tm, A, D: tl.constexpr, cols, C: tl.constexp
 
 @jit
 def _decode_pages_kernel(
-    cache_ptr, scb, sch, sct, blocks_ptr, pos0_ptr, katoms_ptr, vatoms_ptr, rcos_ptr, rsin_ptr,
+    cache_ptr, scb, sch, sct, blocks_ptr, pos0_ptr, katoms_ptr, vatoms_ptr, klad_ptr, vlad_ptr,
+    rcos_ptr, rsin_ptr,
     k_out, v_out, sor, sot, soh, H, KA, VA,
     BS: tl.constexpr, D: tl.constexpr,
     CK: tl.constexpr, SK: tl.constexpr, CV: tl.constexpr, SV: tl.constexpr,
@@ -52,18 +53,18 @@ def _decode_pages_kernel(
     tm = rb < BS
     phys = tl.load(blocks_ptr + r).to(tl.int64)
     base = cache_ptr + phys * scb + h.to(tl.int64) * sch + rb.to(tl.int64) * sct
-    k = _decode_tensor(base, katoms_ptr, tm, KA, D, cd, CK, SK, D // CK, KBYTES, KCB, KIB,
-                       KFMT, BS)
+    k = _decode_tensor(base, katoms_ptr, klad_ptr, tm, KA, D, cd, CK, SK, D // CK, KBYTES, KCB,
+                       KIB, KFMT, BS)
     if PRE_ROPE:
         partner = (cd + D // 2) % D
-        kswp = _decode_tensor(base, katoms_ptr, tm, KA, D, partner, CK, SK, D // CK, KBYTES,
-                              KCB, KIB, KFMT, BS)
+        kswp = _decode_tensor(base, katoms_ptr, klad_ptr, tm, KA, D, partner, CK, SK, D // CK,
+                              KBYTES, KCB, KIB, KFMT, BS)
         pos = tl.load(pos0_ptr + r).to(tl.int64) + rb
         rofs = pos[:, None] * D + cd[None, :]
         sign = tl.where(cd < D // 2, -1.0, 1.0)
         k = k * tl.load(rcos_ptr + rofs) + sign[None, :] * kswp * tl.load(rsin_ptr + rofs)
-    v = _decode_tensor(base + KBYTES, vatoms_ptr, tm, VA, D, cd, CV, SV, D // CV, VBYTES, VCB,
-                       VIB, VFMT, BS)
+    v = _decode_tensor(base + KBYTES, vatoms_ptr, vlad_ptr, tm, VA, D, cd, CV, SV, D // CV,
+                       VBYTES, VCB, VIB, VFMT, BS)
     ofs = r.to(tl.int64) * sor + rb[:, None].to(tl.int64) * sot + h * soh + cd[None, :]
     tl.store(k_out + ofs, k.to(k_out.dtype.element_ty))
     tl.store(v_out + ofs, v.to(v_out.dtype.element_ty))
@@ -74,12 +75,14 @@ def decode_pages(
     value_atoms: torch.Tensor, key_fmt: CodeFormat, value_fmt: CodeFormat,
     key_out: torch.Tensor, value_out: torch.Tensor, pos0: torch.Tensor | None = None,
     rope_cos: torch.Tensor | None = None, rope_sin: torch.Tensor | None = None,
+    key_ladder: torch.Tensor | None = None, value_ladder: torch.Tensor | None = None,
 ) -> None:
     """Decode the physical ``blocks`` [R] of ``kv_cache`` into ``key_out`` / ``value_out``
     [R, block_size, H, D] (any float dtype; keys after RoPE).
 
     ``pos0`` [R]: position of each block's first slot, with ``rope_cos`` / ``rope_sin``
     float32 [P, D] tables (P >= every position) when keys are coded before RoPE.
+    ``key_ladder`` / ``value_ladder``: float32 [C, S, M] ladder tables of ``logB`` codes.
     """
     nb, h, bs, cbytes = kv_cache.shape
     check_device(kv_cache, blocks, key_atoms, value_atoms, key_out, value_out)
@@ -96,6 +99,8 @@ def decode_pages(
         if tuple(atoms.shape) != want or atoms.dtype != torch.float32 or \
                 not atoms.is_contiguous():
             raise ValueError(f"{what} atoms must be contiguous float32 {want}")
+    key_fmt.check_ladder(key_ladder, "key")
+    value_fmt.check_ladder(value_ladder, "value")
     if d & (d - 1) or bs & (bs - 1):
         raise NotImplementedError("head_dim and block_size must be powers of two")
     pre_rope = rope_cos is not None
@@ -107,6 +112,8 @@ def decode_pages(
     _decode_pages_kernel[(r, h)](
         kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), blocks,
         pos0 if pre_rope else blocks, key_atoms, value_atoms,
+        dummy if key_ladder is None else key_ladder,
+        dummy if value_ladder is None else value_ladder,
         rope_cos if pre_rope else dummy, rope_sin if pre_rope else dummy,
         key_out, value_out, key_out.stride(0), key_out.stride(1), key_out.stride(2),
         h, key_fmt.num_atoms, value_fmt.num_atoms,

@@ -39,7 +39,7 @@ from csr_vllm.ops.code_format import CodeFormat
 
 @jit
 def _sparse_decode_kernel(
-    q_ptr, table_ptr, katoms_ptr, rcos_ptr, rsin_ptr,
+    q_ptr, table_ptr, katoms_ptr, klad_ptr, vlad_ptr, rcos_ptr, rsin_ptr,
     cache_ptr, scb, sch, sct, bt_ptr, sbt, coded_ptr, ntail_ptr,
     tk_ptr, tv_ptr, stb, stw, sth,
     max_ptr, sum_ptr, bins_ptr, accx_ptr,
@@ -85,7 +85,7 @@ def _sparse_decode_kernel(
                     c = k // SK
                     code = read_field(base, k * KCB, KCB, KBYTES, tm)
                     idx = read_field(base, CK * SK * KCB + k * KIB, KIB, KBYTES, tm)
-                    coef = tl.where(tm, decode_coef(code, KFMT), 0.0)
+                    coef = tl.where(tm, decode_coef(code, KFMT, klad_ptr, k), 0.0)
                     arow = katoms_ptr + (c * A + idx).to(tl.int64) * DCK
                     inch = (cd // DCK) == c
                     pin = (partner // DCK) == c
@@ -105,7 +105,7 @@ def _sparse_decode_kernel(
                     c = k // SK
                     code = read_field(base, k * KCB, KCB, KBYTES, tm)
                     idx = read_field(base, CK * SK * KCB + k * KIB, KIB, KBYTES, tm)
-                    coef = tl.where(tm, decode_coef(code, KFMT), 0.0)
+                    coef = tl.where(tm, decode_coef(code, KFMT, klad_ptr, k), 0.0)
                     # [B, H, CK, A, G]: the G query heads of one atom are adjacent.
                     trow = (((b * H + h) * CK + c) * A + idx).to(tl.int64) * G
                     tv = tl.load(table_ptr + trow[:, None] + gi[None, :],
@@ -121,7 +121,7 @@ def _sparse_decode_kernel(
                     c = k // SV
                     code = read_field(vbase, k * VCB, VCB, VBYTES, tm)
                     idx = read_field(vbase, CV * SV * VCB + k * VIB, VIB, VBYTES, tm)
-                    coef = decode_coef(code, VFMT)
+                    coef = decode_coef(code, VFMT, vlad_ptr, k)
                     bin_row = (((b * H + h) * CV + c) * A + idx).to(tl.int64) * G
                     tl.atomic_add(bins_ptr + bin_row[:, None] + gi[None, :], p * coef[:, None],
                                   mask=tm[:, None] & gm[None, :], sem="relaxed")
@@ -161,6 +161,7 @@ def sparse_decode_attention(
     value_fmt: CodeFormat, scale: float, rope_cos: torch.Tensor | None = None,
     rope_sin: torch.Tensor | None = None, max_seq_len: int | None = None,
     split_tokens: int | None = None, workspace: torch.Tensor | None = None,
+    key_ladder: torch.Tensor | None = None, value_ladder: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode query per sequence over its paged CSR codes plus an exact tail.
 
@@ -180,6 +181,8 @@ def sparse_decode_attention(
             :func:`default_split_tokens`.
         workspace: float32 buffer of at least :func:`workspace_floats` elements holding the
             kernels' temporaries (so a caller can reserve them up front); None = allocate.
+        key_ladder, value_ladder: float32 [C, S, M] ladder tables of ``logB`` codes
+            (:meth:`CodeFormat.check_ladder`), else None.
     Returns:
         [B, Hq, D] float32.
     """
@@ -208,6 +211,8 @@ def sparse_decode_attention(
         if d % fmt.chunks or tuple(atoms.shape) != want or atoms.dtype != torch.float32 or \
                 not atoms.is_contiguous():
             raise ValueError(f"{what} atoms must be contiguous float32 {want}")
+    key_fmt.check_ladder(key_ladder, "key")
+    value_fmt.check_ladder(value_ladder, "value")
     if d & (d - 1) or bs & (bs - 1):
         raise NotImplementedError("head_dim and block_size must be powers of two")
     pre_rope = rope_cos is not None
@@ -269,7 +274,8 @@ def sparse_decode_attention(
     rs = rope_sin if pre_rope else qs
     for accumulate in (False, True):
         _sparse_decode_kernel[(b, h, nsp)](
-            qs, table, key_atoms, rc, rs,
+            qs, table, key_atoms, qs if key_ladder is None else key_ladder,
+            qs if value_ladder is None else value_ladder, rc, rs,
             kv_cache, kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             block_table, block_table.stride(0), coded, n_tail,
             tail_k, tail_v, tail_k.stride(0), tail_k.stride(1), tail_k.stride(2),
