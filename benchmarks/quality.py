@@ -72,8 +72,14 @@ def main() -> None:
         for name in args.methods.split(","):
             key = f"{text_name}|{name}|W{args.guard}|{args.windows}x{args.window}"
             method = make_method(name, dict_dir, shape)
-            # A cached number is reused only for the same setting (a preset may change).
+            # A cached number is reused only for the same setting (a preset may change), under
+            # whichever name it was measured (a preset may take over a measured option).
             if results["perplexity"].get(key, {}).get("setting") == method.setting:
+                continue
+            twin = same_setting(results["perplexity"], key, method.setting)
+            if twin is not None:
+                results["perplexity"][key] = dict(twin)
+                save()
                 continue
             r = perplexity(model, tokenizer, text, method, args.guard, args.window, args.windows)
             results["perplexity"][key] = r.to_dict() | {"text": text_name,
@@ -93,6 +99,17 @@ def main() -> None:
     (out / "quality.md").write_text(table)
     plot(results, args, out / "quality_ppl_vs_bits.png")
     print(table)
+
+
+def same_setting(entries: dict, key: str, setting: str) -> dict | None:
+    """The perplexity entry of another method with ``setting`` on the same text, Guard and
+    windows as ``key`` (``text|method|W|windows``), or None."""
+    text, _, guard, size = key.split("|")
+    for other, entry in entries.items():
+        t, _, g, sz = other.split("|")
+        if (t, g, sz) == (text, guard, size) and entry.get("setting") == setting:
+            return entry
+    return None
 
 
 def _ppl_rows(results: dict, args: argparse.Namespace) -> dict[str, dict[str, dict]]:

@@ -187,3 +187,21 @@ def test_csr_setting_names_the_codec_of_each_tensor(tmp_path):
     d = DictionarySet(cfg, shape, atoms, atoms)
     assert CSR(d, "csr-1b").setting == "K 1x3xfp8/8192omp V 1x3xfp8/8192omp rope=pre"
     assert CSR(d, "x", adapt=3).setting.endswith("adapt=3/128")
+
+
+def test_run_ruler_copies_a_finished_entry_with_the_same_setting(tmp_path, monkeypatch):
+    """A preset redefined as an option it was measured with (csr-2b taking over
+    csr-2b+coef=log5) reuses that entry instead of rerunning the same trials."""
+    import csr_vllm.evaluation.ruler as ruler
+    from csr_vllm.evaluation.methods import make_method
+
+    seen = fake_trials(monkeypatch, 3)
+    done = {"per_trial": [True, False, True], "predictions": ["0", "x", "2"], "correct": 2,
+            "trials": 3, "setting": "bf16"}
+    results = {"measured-as-option": {"1024": done},
+               "short": {"2048": dict(done, trials=2, per_trial=[True, True])}}
+    ruler.run_ruler(tmp_path, "niah_single_1", [1024, 2048], 3, {"bf16": make_method("bf16")},
+                    128, model=object(), tokenizer=object(), results=results)
+    assert results["bf16"]["1024"] == done and results["bf16"]["1024"] is not done
+    # 2048: the only entry has another trial count, so the trials run.
+    assert seen == ["q0", "q1", "q2"] and results["bf16"]["2048"]["trials"] == 3

@@ -11,6 +11,7 @@ sample is answered by greedy decoding, one sequence at a time, under
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -251,6 +252,17 @@ def _summarise(entry: dict) -> None:
                  accuracy=sum(entry["per_trial"]) / max(n, 1))
 
 
+def _finished_twin(results: dict, length: str, setting: str, samples: int) -> dict | None:
+    """A complete entry at ``length`` of any method made with ``setting`` over ``samples``
+    trials, or None."""
+    for per_length in results.values():
+        entry = per_length.get(length)
+        if entry is not None and entry.get("complete", True) and \
+                entry.get("setting") == setting and entry.get("trials") == samples:
+            return entry
+    return None
+
+
 def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int,
               methods: dict[str, KVMethod], guard: int, seed: int = _BASE_SEED,
               max_new_tokens: int | None = None, cache_dir: Path | None = None,
@@ -265,7 +277,9 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
     ``on_result`` is called after
     each new trial, so a caller can persist a long sweep and resume it: an entry still being
     filled carries ``"complete": False`` and a resumed sweep continues it from its next trial
-    (the trials are seeded, so they are the same ones). ``model``/``tokenizer`` default to
+    (the trials are seeded, so they are the same ones). A method whose setting another name
+    already finished with the same number of trials (a preset renamed, or redefined as an
+    option it was measured with) gets a copy of that entry. ``model``/``tokenizer`` default to
     loading ``model_dir``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -278,6 +292,10 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
         return (entry is not None and entry.get("complete", True)
                 and entry.get("setting") == methods[name].setting)
 
+    for name, length in ((n, length) for length in lengths for n in methods):
+        twin = _finished_twin(results, str(length), methods[name].setting, samples)
+        if not finished(name, length) and twin is not None:
+            results.setdefault(name, {})[str(length)] = copy.deepcopy(twin)
     if all(finished(n, length) for length in lengths for n in methods):
         return results
     tokenizer = tokenizer or AutoTokenizer.from_pretrained(model_dir)
