@@ -96,7 +96,7 @@ def quantize_coef(c, COEF_FMT: tl.constexpr, ladder_ptr, field):
         lc = tl.log2(tl.maximum(tl.abs(c), 1.1754943508222875e-38))  # fp32 tiny, as the reference
         best = tl.zeros(c.shape, dtype=tl.int32)
         best_d = tl.full(c.shape, float("inf"), tl.float32)
-        for i in tl.static_range(levels):
+        for i in tl.static_range(1 << (COEF_FMT - 1)):  # a constexpr bound (not `levels`)
             dist = tl.abs(lc - tl.log2(tl.load(row + i)))
             closer = dist < best_d
             best = tl.where(closer, i, best)
