@@ -67,6 +67,9 @@ def main() -> None:
     def save() -> None:
         json_path.write_text(json.dumps(results, indent=1))
 
+    # Entries as they were before this run: a preset redefined as an option (csr-2b taking
+    # over csr-2b+coef=log5) must not hide its old entry from the option that now names it.
+    before = dict(results["perplexity"])
     for text_name in args.texts.split(","):
         text = corpus_file(text_name).read_text()
         for name in args.methods.split(","):
@@ -76,7 +79,8 @@ def main() -> None:
             # whichever name it was measured (a preset may take over a measured option).
             if results["perplexity"].get(key, {}).get("setting") == method.setting:
                 continue
-            twin = same_setting(results["perplexity"], key, method.setting)
+            twin = same_setting(before, key, method.setting) or \
+                same_setting(results["perplexity"], key, method.setting)
             if twin is not None:
                 results["perplexity"][key] = dict(twin)
                 save()

@@ -205,3 +205,37 @@ def test_run_ruler_copies_a_finished_entry_with_the_same_setting(tmp_path, monke
     assert results["bf16"]["1024"] == done and results["bf16"]["1024"] is not done
     # 2048: the only entry has another trial count, so the trials run.
     assert seen == ["q0", "q1", "q2"] and results["bf16"]["2048"]["trials"] == 3
+
+
+def test_a_renamed_preset_does_not_hide_the_entry_its_old_setting_moves_to(tmp_path,
+                                                                           monkeypatch):
+    """csr-2b redefined (fp8 -> log5): csr-2b copies csr-2b+coef=log5's entry and
+    csr-2b+coef=fp8 copies csr-2b's old one, whatever order the methods come in."""
+    import csr_vllm.evaluation.ruler as ruler
+    from csr_vllm.evaluation.methods import KVMethod
+
+    class Named(KVMethod):
+        def __init__(self, setting):
+            self.name, self._setting = setting, setting
+
+        @property
+        def setting(self):
+            return self._setting
+
+        def bits_per_channel(self, head_dim):
+            return 2.0
+
+        def compress(self, layer, keys, values, positions):
+            return keys, values
+
+    seen = fake_trials(monkeypatch, 2)
+    old = {"per_trial": [False, True], "predictions": ["x", "1"], "correct": 1, "trials": 2,
+           "setting": "fp8"}
+    new = dict(old, per_trial=[True, True], correct=2, setting="log5")
+    results = {"csr-2b": {"1024": old}, "csr-2b+coef=log5": {"1024": new}}
+    methods = {"csr-2b": Named("log5"), "csr-2b+coef=fp8": Named("fp8")}
+    ruler.run_ruler(tmp_path, "niah_single_1", [1024], 2, methods, 128, model=object(),
+                    tokenizer=object(), results=results)
+    assert not seen
+    assert results["csr-2b"]["1024"] == new and results["csr-2b+coef=fp8"]["1024"] == old
+

@@ -292,9 +292,12 @@ def run_ruler(model_dir: str | Path, task: str, lengths: list[int], samples: int
         return (entry is not None and entry.get("complete", True)
                 and entry.get("setting") == methods[name].setting)
 
-    for name, length in ((n, length) for length in lengths for n in methods):
-        twin = _finished_twin(results, str(length), methods[name].setting, samples)
-        if not finished(name, length) and twin is not None:
+    # Twins are looked up before any is copied: a renamed preset must not hide the old entry
+    # another name (e.g. "csr-2b+coef=fp8") would copy.
+    twins = {(n, length): _finished_twin(results, str(length), methods[n].setting, samples)
+             for length in lengths for n in methods if not finished(n, length)}
+    for (name, length), twin in twins.items():
+        if twin is not None:
             results.setdefault(name, {})[str(length)] = copy.deepcopy(twin)
     if all(finished(n, length) for length in lengths for n in methods):
         return results
