@@ -143,11 +143,13 @@ def markdown(results: dict, args: argparse.Namespace) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ruler = results.get("ruler", {}).get(f"{args.ruler_task}|W{args.guard}", {})
     if ruler:
-        lengths = sorted({int(length) for m in ruler.values() for length in m})
+        lengths = sorted({int(length) for name, m in ruler.items()
+                          if name in args.ruler_methods.split(",") for length in m})
         lines += ["", f"RULER `{args.ruler_task}` accuracy (same trials for every method):", "",
                   "| method | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
                   "|" + "---|" * (1 + len(lengths))]
-        for name, per in ruler.items():
+        for name in [n for n in args.ruler_methods.split(",") if n in ruler]:
+            per = ruler[name]
             cells = [name] + [_ruler_cell(per.get(str(n))) for n in lengths]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Guard window W={args.guard}; {args.windows} windows of {args.window} tokens "

@@ -158,8 +158,8 @@ def test_outlier_guard_method_names(tmp_path):
 
 
 def test_coefficient_format_options_refit_the_preset_budget(tmp_path):
-    """``csr-2b+coef=log5``: csr-2b's bytes with log5 coefficients (7 atoms where fp8 fits 6);
-    ``+vcoef=`` changes the values only; an unknown format is named in the error."""
+    """``csr-2b+coef=fp8``: csr-2b's bytes with fp8 coefficients (6 atoms where its log5 fits
+    7); ``+vcoef=`` changes the values only; an unknown format is named in the error."""
     from csr_vllm.codec.config import get_preset
     from csr_vllm.codec.dictionary import ModelShape
 
@@ -169,9 +169,14 @@ def test_coefficient_format_options_refit_the_preset_budget(tmp_path):
     ladder = torch.ones(1, 1, 1, 16, 16).tril()
     DictionarySet(cfg, shape, atoms, atoms.clone(), key_ladder=ladder,
                   value_ladder=ladder.clone()).save(tmp_path)
-    m = make_method("csr-2b+coef=log5", tmp_path, shape)
+    for name in ("csr-2b", "csr-2b+coef=log5"):
+        m = make_method(name, tmp_path, shape)
+        k, v = m.dicts.config.key, m.dicts.config.value
+        assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("log5", 7, "log5", 7)
+        assert m.bits_per_channel(64) == 2.0
+    m = make_method("csr-2b+coef=fp8", tmp_path, shape)
     k, v = m.dicts.config.key, m.dicts.config.value
-    assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("log5", 7, "log5", 7)
+    assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("fp8", 6, "fp8", 6)
     assert m.bits_per_channel(64) == 2.0
     m = make_method("csr-1b+vcoef=log3", tmp_path, shape)
     k, v = m.dicts.config.key, m.dicts.config.value
