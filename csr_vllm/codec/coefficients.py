@@ -18,6 +18,7 @@ read back as the last level. Fewer coefficient bits buy more atoms for the same 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -62,10 +63,8 @@ class CoefFormat:
     def ladder_steps(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """[M] ``2^(-O * i / (M - 1))``: level i of a ladder with top 1. One table, indexed,
         so a level reads back bit-identical whatever the tensor shape (vectorised and scalar
-        ``exp2`` may differ in the last bit)."""
-        levels = (1 << (self.bits - 1)) - 1
-        return torch.exp2(torch.arange(levels + 1, dtype=torch.float64)
-                          * (-self.octaves / levels)).to(dtype)
+        ``exp2`` may differ in the last bit). Do not modify it: it is cached."""
+        return _ladder_steps(self.bits, self.octaves, dtype)
 
     def _check_top(self, top: Tensor | None) -> Tensor:
         if top is None:
@@ -122,6 +121,15 @@ class CoefFormat:
         ``top`` as in :meth:`encode`, for the flattened trailing dimensions)."""
         flat = c.reshape(c.shape[0], -1)
         return self.decode(self.encode(flat, scale, top), scale, c.dtype, top).reshape(c.shape)
+
+
+@functools.cache
+def _ladder_steps(bits: int, octaves: int, dtype: torch.dtype) -> Tensor:
+    # Cached: the pursuit quantises every pick through it, and at a decode step's handful of
+    # vectors rebuilding it cost as much as the quantisation itself.
+    levels = (1 << (bits - 1)) - 1
+    return torch.exp2(torch.arange(levels + 1, dtype=torch.float64)
+                      * (-octaves / levels)).to(dtype)
 
 
 LADDER_QUANTILE = 0.995
