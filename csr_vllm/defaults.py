@@ -32,8 +32,10 @@ def default_dictionary(model_dir: Path, cache_dir: Path | None = None,
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
     out = (cache_dir or cache_root()) / "dicts" / Path(model_dir).name / DEFAULT_DICT_NAME
     try:
-        DictionarySet.load(out, expect=shape)
-        return out
+        # A dictionary cached before ladder tops existed cannot serve the log5 presets: the
+        # training run resumes and only calibrates them (its units keep their atoms).
+        if DictionarySet.load(out, expect=shape).has_ladders:
+            return out
     except DictionaryError:
         pass
     train_dictionaries(model_dir, out, default_train_config(shape.head_dim), progress=progress)

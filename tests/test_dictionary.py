@@ -331,3 +331,33 @@ def test_more_atoms_than_calibrated_positions_is_refused(dictset, gen):
         LOG_CONFIG, key=dataclasses.replace(LOG_CONFIG.key, atoms_per_chunk=3)))
     with pytest.raises(DictionaryError, match="3 atoms per chunk exceed the 2 positions"):
         d.codec("key", 0)
+
+
+def test_default_dictionary_without_ladders_is_completed_not_served(tmp_path, monkeypatch,
+                                                                    unit_atoms):
+    """A default dictionary cached before ladder tops existed cannot serve csr-2b (log5): the
+    resumable training run is started to calibrate them; one with ladders is served as is."""
+    from transformers import LlamaConfig
+
+    import csr_vllm.dict_training.train as train
+    from csr_vllm.defaults import DEFAULT_DICT_NAME, default_dictionary
+
+    model = tmp_path / "tiny-llama"
+    LlamaConfig(num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=2,
+                hidden_size=128, intermediate_size=32, vocab_size=64).save_pretrained(model)
+    shape = ModelShape.from_hf_config(LlamaConfig.from_pretrained(model))
+    out = tmp_path / "cache" / "dicts" / model.name / DEFAULT_DICT_NAME
+    cfg = CodecConfig(key=TensorCodecConfig(16, 1, 2, "fp8"), value=TensorCodecConfig(16, 1, 2,
+                                                                                      "fp8"))
+    atoms = unit_atoms(3, 1, 1, 16, 64)
+    DictionarySet(cfg, shape, atoms, atoms.clone()).save(out)
+    runs = []
+    monkeypatch.setattr(train, "train_dictionaries", lambda *a, **k: runs.append(a[1]))
+    assert default_dictionary(model, tmp_path / "cache", progress=False) == out
+    assert runs == [out]
+    p = ladder_positions(64)
+    ladder = torch.ones(3, 1, 1, p, p).tril()
+    DictionarySet(cfg, shape, atoms, atoms.clone(), key_ladder=ladder,
+                  value_ladder=ladder.clone()).save(out)
+    assert default_dictionary(model, tmp_path / "cache", progress=False) == out
+    assert runs == [out]
