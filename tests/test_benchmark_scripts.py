@@ -24,3 +24,23 @@ def test_read_paths_benchmark_runs(tmp_path, default_dict):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "read_paths.json").read_text())["rows"]
     assert rows[0]["context"] == 256 and rows[0]["reconstruct_ms"] > 0 and rows[0]["sparse_ms"] > 0
+
+
+def test_kernel_benchmark_presets_match_the_codec():
+    """benchmarks/kernels/bench_kernels.py spells the presets out (it runs without the codec
+    package): they must say what csr_vllm.codec.config.PRESETS says."""
+    import importlib.util
+
+    from csr_vllm.codec.config import PRESETS
+
+    spec = importlib.util.spec_from_file_location(
+        "bench_kernels", ROOT / "benchmarks" / "kernels" / "bench_kernels.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, p in PRESETS.items():
+        assert p.key_coef == p.value_coef
+        assert mod.PRESETS[name] == (p.budget_bits, p.key_coef)
+        cfg = p.config_for(128)
+        assert mod.atoms_per_vector(p.budget_bits, 128, p.num_atoms,
+                                    cfg.key.coef_format.bits) == cfg.key.atoms_per_chunk
+    assert set(mod.PRESETS) == set(PRESETS)

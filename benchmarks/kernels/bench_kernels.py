@@ -27,7 +27,10 @@ import statistics
 import sys
 import time
 
-PRESET_BITS = {"csr-1b": 1.0, "csr-1.5b": 1.5, "csr-2b": 2.0, "csr-4b": 4.0}
+# (bits per channel, coefficient format) of each preset, as csr_vllm.codec.config.PRESETS
+# (not imported: this script runs where only torch and triton exist; tested equal).
+PRESETS = {"csr-1b": (1.0, "fp8"), "csr-1.5b": (1.5, "log5"), "csr-2b": (2.0, "log5"),
+           "csr-4b": (4.0, "fp8")}
 
 
 def parse_args(argv=None):
@@ -41,9 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--atoms", type=int, default=8192)
-    p.add_argument("--preset", default="csr-2b", choices=sorted(PRESET_BITS))
-    p.add_argument("--coef", default="fp8", choices=["fp8", "fp16", "log5"],
-                   help="coefficient format (log5: codes read through a ladder table)")
+    p.add_argument("--preset", default="csr-2b", choices=sorted(PRESETS))
+    p.add_argument("--coef", default=None, choices=["fp8", "fp16", "log5"],
+                   help="coefficient format (default: the preset's; log5 codes are read "
+                        "through a ladder table)")
     p.add_argument("--key-rope", default="post", choices=["post", "pre"])
     p.add_argument("--window", type=int, default=128, help="exact tail tokens per sequence")
     p.add_argument("--repeats", type=int, default=20)
@@ -88,14 +92,15 @@ def main(argv=None) -> int:
               "smoke run of the same code.", file=sys.stderr)
         return 2
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-    from csr_vllm.ops.code_format import CodeFormat
+    from csr_vllm.ops.code_format import COEF_FORMATS, CodeFormat
     from csr_vllm.ops.encode import encode_store, rope_rows
 
     dev = "cpu" if args.interpret else "cuda"
     torch.manual_seed(0)
     h, d, bs, a = args.kv_heads, args.head_dim, args.block_size, args.atoms
-    coef_bits = {"fp8": 8, "fp16": 16, "log5": 5}[args.coef]
-    s = atoms_per_vector(PRESET_BITS[args.preset], d, a, coef_bits)
+    bits, preset_coef = PRESETS[args.preset]
+    args.coef = args.coef or preset_coef
+    s = atoms_per_vector(bits, d, a, COEF_FORMATS[args.coef])
     fmt = CodeFormat(a, 1, s, args.coef, "omp")
     slot = 2 * fmt.slot_bytes
     lad = ladder_table(fmt, dev)
