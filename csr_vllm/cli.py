@@ -54,7 +54,7 @@ def cmd_train_dict(args: argparse.Namespace) -> None:
     model = model_dir_or_default(args.model)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     cfg = TrainConfig(codec=_codec_from_args(args, shape.head_dim), preset=args.preset,
-                      train_windows=args.windows, neuraldict_steps=args.steps, seed=args.seed,
+                      corpus=args.corpus, train_windows=args.windows, neuraldict_steps=args.steps, seed=args.seed,
                       kmeans_iters=args.kmeans_iters,
                       max_vectors=args.max_vectors)
     dicts = train_dictionaries(model, args.out, cfg)
@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--key-rope", default="pre", choices=["pre", "post"])
     t.add_argument("--layer-group", type=int, default=1)
     t.add_argument("--per-head", action="store_true")
+    t.add_argument("--corpus", default="train-hotpotqa",
+                   help="training text: a corpus name (see prepare-data) or a UTF-8 text file; "
+                   "it needs --windows + 2 windows of 2048 tokens")
     t.add_argument("--windows", type=int, default=16, help="2048-token training windows")
     t.add_argument("--steps", type=int, default=20, help="NeuralDict steps per dictionary (0: k-means only)")
     t.add_argument("--kmeans-iters", type=int, default=4)

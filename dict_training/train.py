@@ -37,7 +37,7 @@ class TrainConfig:
 
     codec: CodecConfig
     preset: str | None = None
-    corpus: str = "train-hotpotqa"
+    corpus: str = "train-hotpotqa"  # a corpus name (csr_vllm.data.corpora) or a text file
     window: int = 2048
     # Defaults are the default dictionary's recipe, sized so that all 60 SmolLM2 dictionaries
     # (30 layers x K, V; 8192 atoms each) train in under 15 minutes on 2 CPU cores.
@@ -146,7 +146,7 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
     """Train, save to ``out_dir`` (resumable) and return the dictionary set."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from csr_vllm.data.corpora import corpus_file
+    from csr_vllm.data.corpora import training_text
 
     out = Path(out_dir)
     partial = out / "partial"
@@ -166,7 +166,7 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
     no_ladder = [u for u in units if u not in todo and not _has_ladder(partial, u, codec, shape)]
 
     if todo or no_ladder:
-        text = corpus_file(cfg.corpus).read_text()
+        text = training_text(cfg.corpus)
         windows = token_windows(tokenizer, text, cfg.window, cfg.train_windows + cfg.holdout_windows)
         kv = collect_kv(model, windows, codec.key_rope, progress)
         split = cfg.train_windows * cfg.window

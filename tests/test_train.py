@@ -110,3 +110,24 @@ def test_unit_seeds_are_stable_across_processes():
                             env={"PYTHONHASHSEED": str(s)}, check=True).stdout
              for s in (1, 2)}
     assert len(seeds) == 1
+
+
+def test_training_on_a_user_text_file(model_dir, tmp_path, eval_text):
+    """``--corpus FILE``: the user's own text; the manifest says which file it was."""
+    text = tmp_path / "traffic.txt"
+    text.write_text(eval_text[:40_000], encoding="utf-8")
+    out = tmp_path / "dict"
+    train_dictionaries(model_dir, out, tiny_config(corpus=str(text)), progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["info"]["training"]["corpus"] == str(text)
+
+
+def test_training_text_refuses_what_is_not_a_corpus(tmp_path):
+    from csr_vllm.data.corpora import training_text
+
+    with pytest.raises(ValueError, match="neither a corpus name .*train-hotpotqa"):
+        training_text("wikitext-103")
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes([0xFF, 0xFE, 0x00, 0x9F]) * 64)
+    with pytest.raises(ValueError, match="not UTF-8 text"):
+        training_text(str(binary))

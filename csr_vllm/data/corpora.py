@@ -95,6 +95,21 @@ CORPORA = {
 }
 
 
+def training_text(corpus: str, cache_dir: Path | None = None) -> str:
+    """Text of ``corpus``: one of :data:`CORPORA` by name, or the path of a UTF-8 text file
+    (dictionaries trained on text like the traffic they will serve fit it better)."""
+    if corpus in CORPORA:
+        return corpus_file(corpus, cache_dir).read_text()
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        raise ValueError(f"corpus {corpus!r} is neither a corpus name ({', '.join(CORPORA)}) "
+                         "nor a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {path} is not UTF-8 text: {e}") from None
+
+
 def corpus_file(name: str, cache_dir: Path | None = None) -> Path:
     """Write (once) and return the text file of corpus ``name`` (one of :data:`CORPORA`)."""
     if name not in CORPORA:
