@@ -44,3 +44,19 @@ def test_kernel_benchmark_presets_match_the_codec():
         assert mod.atoms_per_vector(p.budget_bits, 128, p.num_atoms,
                                     cfg.key.coef_format.bits) == cfg.key.atoms_per_chunk
     assert set(mod.PRESETS) == set(PRESETS)
+
+
+def test_ruler_engine_benchmark_runs_and_reuses_its_results(tmp_path, default_dict):
+    """benchmarks/ruler_engine.py with one trial through a real CSR engine; a second run with
+    the same setting reuses the stored result instead of starting an engine."""
+    pytest.importorskip("vllm")
+    cmd = [sys.executable, "benchmarks/ruler_engine.py", "--dict", default_dict,
+           "--methods", "csr-2b", "--lengths", "1024", "--samples", "1", "--out", str(tmp_path)]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    entry = json.loads((tmp_path / "ruler_engine.json").read_text())["results"]["csr-2b"]["1024"]
+    assert entry["trials"] == 1 and len(entry["predictions"]) == 1
+    assert entry["setting"]["csr"].startswith("K ") and entry["setting"]["dictionary_sha256"]
+    assert "| csr-2b | " in (tmp_path / "ruler_engine.md").read_text()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "[ruler-engine]" not in again.stdout, again.stderr[-3000:]

@@ -175,7 +175,8 @@ def score(prediction: str, outputs: list[str]) -> float:
     return sum(1.0 for r in outputs if r.lower() in pred) / len(outputs)
 
 
-def _postprocess(prediction: str) -> str:
+def answer_text(prediction: str) -> str:
+    """A decoded answer as RULER scores it."""
     # As RULER's evaluate.py: control characters become newlines, then strip.
     return re.sub(r"[\x00-\x1f]", "\n", prediction.strip()).strip()
 
@@ -236,7 +237,7 @@ def evaluate(model, tokenizer, samples: list[RulerSample], method: KVMethod | No
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=budget, pad_token_id=pad)
             text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            pred = _postprocess(text)
+            pred = answer_text(text)
             predictions.append(pred)
             scores.append(score(pred, sample.outputs))
             if on_trial is not None:
