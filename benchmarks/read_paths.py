@@ -5,8 +5,9 @@
 One attention layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64,
 block 128) decoding ``--batch`` sequences of each context length, through the real code:
 vLLM's CPU kernel over bf16 pages (dense), and CSRAttentionImpl.forward over CSR pages with
-``reconstruct`` and with ``sparse`` decode rows. Codes are random valid codes of the preset
-(speed does not depend on their values). Medians over ``--repeats``; the ratios are taken
+``reconstruct`` and with ``sparse`` decode rows; ``write`` is the step's other half, coding
+the ``--batch`` new tokens' K and V into their slots (vLLM's dense path copies them). Codes are
+random valid codes of the preset (speed does not depend on their values). Medians over ``--repeats``; the ratios are taken
 within this one run. Writes ``OUT/read_paths.json`` and ``OUT/read_paths.md``.
 """
 
@@ -25,11 +26,11 @@ from vllm import _custom_ops as ops
 from vllm.v1.attention.backends import cpu_attn
 
 from csr_vllm.codec.codec import SparseCode
-from csr_vllm.codec.config import get_preset
 from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.backend import CSRAttentionImpl, CSRMetadata
 from csr_vllm.engine.runtime import CSRRuntime
 from csr_vllm.engine.settings import CSRSettings
+from csr_vllm.evaluation.methods import make_method
 
 HQ, H, D, BS = 9, 3, 64, 128
 DTYPE = torch.bfloat16
@@ -107,13 +108,19 @@ def measure_context(t: int, b: int, repeats: int, dicts: DictionarySet, impl, la
             impl.forward(layer, query, key, value, pages, meta, out)
 
         row[f"{path}_ms"] = 1e3 * bench(run_csr, repeats)
+        if path == "reconstruct":  # the step's other half: coding its b new tokens' K and V
+            plan = runtime.plan(block_table, seq_lens, qsl, slot_mapping)
+            row["write_ms"] = 1e3 * bench(
+                lambda runtime=runtime, pages=pages, plan=plan, first=first: runtime.write(
+                    first, plan, key, value, pages, slot_mapping), repeats)
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dict", help="dictionary folder (default: the default dictionary)")
-    p.add_argument("--preset", default="csr-2b")
+    p.add_argument("--preset", default="csr-2b",
+                   help="a preset, or one with other coefficients (csr-2b+coef=fp8)")
     p.add_argument("--contexts", default="512,2048,8192")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
@@ -128,8 +135,11 @@ def main() -> None:
         from csr_vllm.defaults import default_dictionary
 
         args.dict = str(default_dictionary(model_dir_or_default(None)))
-    dicts = DictionarySet.load(args.dict)
-    dicts = dicts.with_codec(get_preset(args.preset).config_for(D))
+    if "+" in args.preset and not all(o.split("=")[0] in ("coef", "vcoef")
+                                      for o in args.preset.split("+")[1:]):
+        p.error("--preset takes a preset, optionally with +coef=/+vcoef= (e.g. csr-2b+coef=fp8)")
+    # make_method applies the preset (and any coefficient format option) to the dictionary.
+    dicts = make_method(args.preset, args.dict).dicts
     gen = torch.Generator().manual_seed(0)
     cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=DTYPE))
     with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: cfg):
@@ -152,11 +162,11 @@ def main() -> None:
     (out_dir / "read_paths.json").write_text(json.dumps({"preset": args.preset, "rows": rows},
                                                         indent=1))
     lines = [f"| context | batch | dense ms | {args.preset} reconstruct ms | sparse ms | "
-             "reconstruct / dense | sparse / dense | sparse / reconstruct |",
-             "|---|---|---|---|---|---|---|---|"]
+             "write ms | reconstruct / dense | sparse / dense | sparse / reconstruct |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['context']} | {r['batch']} | {r['dense_ms']:.2f} | "
-                     f"{r['reconstruct_ms']:.2f} | {r['sparse_ms']:.2f} | "
+                     f"{r['reconstruct_ms']:.2f} | {r['sparse_ms']:.2f} | {r['write_ms']:.2f} | "
                      f"{r['reconstruct_vs_dense']:.1f}x | {r['sparse_vs_dense']:.1f}x | "
                      f"{r['sparse_vs_reconstruct']:.2f}x |")
     table = "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ def test_read_paths_benchmark_runs(tmp_path, default_dict):
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "read_paths.json").read_text())["rows"]
     assert rows[0]["context"] == 256 and rows[0]["reconstruct_ms"] > 0 and rows[0]["sparse_ms"] > 0
+    assert rows[0]["write_ms"] > 0
 
 
 def test_kernel_benchmark_presets_match_the_codec():
