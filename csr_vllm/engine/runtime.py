@@ -25,8 +25,8 @@ from csr_vllm.engine.sparse_attention import sparse_decode_attention
 
 # Context length from which ``auto`` sends decode rows to the sparse read path. Measured with
 # benchmarks/read_paths.py (csr-2b, pre-RoPE keys, batch 4, this CPU): sparse took 1.6-2.7x the
-# reconstruct path's time at 512-8192 tokens with fp8 codes, 0.97-2.1x with log5 (a tie at
-# 2048 within noise), so ``auto`` never picks it here. With pre-RoPE
+# reconstruct path's time at 512-8192 tokens with fp8 codes, 1.8-2.3x with log5 in the latest
+# run (0.97x once, at 2048, within noise), so ``auto`` never picks it here. With pre-RoPE
 # keys the score side cannot share a q.D table across tokens (see sparse_attention.py); the
 # crossover belongs to the fused kernels. Re-measure when either path changes.
 SPARSE_FROM_TOKENS = 1 << 62
