@@ -22,10 +22,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from engine_process import resolve_model_and_dict, run_worker, serve_as_worker
 
 METHODS = ["bf16", "csr-4b", "csr-2b", "csr-1.5b", "csr-1b"]
 
@@ -101,28 +102,16 @@ def main() -> None:
         data = json.loads(Path(args.render).read_text())
         print(render(data["results"], data["settings"]["batch"], data["settings"]["kv_space_gib"]))
         return
-    from csr_vllm.cli import model_dir_or_default
-
-    args.model = str(model_dir_or_default(args.model))
-    if args.dict is None:
-        from csr_vllm.defaults import default_dictionary
-
-        args.dict = str(default_dictionary(Path(args.model)))
-    if args.worker:
-        print("RESULT " + json.dumps(run_method(args)), flush=True)
+    resolve_model_and_dict(args)
+    if serve_as_worker(args, run_method):
         return
 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     results = []
     for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", method, *sys.argv[1:]]
-        cmd += ["--model", args.model, "--dict", args.dict]
         print(f"[capacity] {method} ...", flush=True)
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(line[-1][7:]))
+        results.append(run_worker(__file__, method, [*sys.argv[1:], "--model", args.model,
+                                                     "--dict", args.dict], env))
 
     bf16 = next(r for r in results if r["method"] == "bf16")
     for r in results:

@@ -22,9 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+from engine_process import resolve_model_and_dict, run_worker, serve_as_worker
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -46,27 +47,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def trials_for(args: argparse.Namespace, length: int) -> list[dict]:
-    """The harness's trials at ``length``: prompt ids and answer budget per sample."""
+def trials_for(args: argparse.Namespace, lengths: list[int]) -> dict[int, list[dict]]:
+    """The harness's trials at each length: prompt ids and answer budget per sample."""
     from transformers import AutoTokenizer
 
     from csr_vllm.evaluation.ruler import answer_budget, generate_tasks, prompt_ids
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    samples = generate_tasks(args.task, args.model, length, args.samples)
-    return [{"ids": prompt_ids(tok, s.input).tolist(), "budget": answer_budget(tok, s.outputs),
-             "outputs": s.outputs} for s in samples]
+    return {n: [{"ids": prompt_ids(tok, s.input).tolist(),
+                 "budget": answer_budget(tok, s.outputs), "outputs": s.outputs}
+                for s in generate_tasks(args.task, args.model, n, args.samples)]
+            for n in lengths}
 
 
-def run_worker(args: argparse.Namespace) -> dict:
+def answer_all(args: argparse.Namespace) -> dict:
     """One engine (``args.worker``) answers every trial of every length."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from csr_vllm.evaluation.ruler import answer_text, score
 
-    lengths = [int(x) for x in args.lengths.split(",")]
-    trials = {n: trials_for(args, n) for n in lengths}
+    trials = trials_for(args, [int(x) for x in args.lengths.split(",")])
     longest = max(len(t["ids"]) + t["budget"] for ts in trials.values() for t in ts)
     kw = {"max_model_len": longest, "enforce_eager": True, "seed": 0, "disable_log_stats": False,
           "max_num_batched_tokens": args.max_num_batched_tokens}
@@ -113,15 +114,8 @@ def render(results: dict, lengths: list[int]) -> str:
 
 def main() -> None:
     args = parse_args()
-    from csr_vllm.cli import model_dir_or_default
-
-    args.model = str(model_dir_or_default(args.model))
-    if args.dict is None:
-        from csr_vllm.defaults import default_dictionary
-
-        args.dict = str(default_dictionary(Path(args.model)))
-    if args.worker:
-        print("RESULT " + json.dumps(run_worker(args)), flush=True)
+    resolve_model_and_dict(args)
+    if serve_as_worker(args, answer_all):
         return
 
     out_dir = Path(args.out)
@@ -129,8 +123,7 @@ def main() -> None:
     store = out_dir / "ruler_engine.json"
     data = json.loads(store.read_text()) if store.is_file() else {"results": {}}
     lengths = [int(x) for x in args.lengths.split(",")]
-    for n in lengths:  # RULER's generator runs once per length, before any engine starts
-        trials_for(args, n)
+    trials_for(args, lengths)  # RULER's generator runs (once, cached) before any engine starts
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib),
            "TOKENIZERS_PARALLELISM": "false"}
     for method in args.methods.split(","):
@@ -141,14 +134,9 @@ def main() -> None:
         if not todo:
             continue
         print(f"[ruler-engine] {method} at {todo} ...", flush=True)
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", method,
-               "--model", args.model, "--dict", args.dict,
-               "--lengths", ",".join(map(str, todo))]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        if proc.returncode or not line:
-            sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
-        res = json.loads(line[-1][7:])
+        res = run_worker(__file__, method, [*sys.argv[1:], "--model", args.model, "--dict",
+                                            args.dict, "--lengths", ",".join(map(str, todo))],
+                         env)
         preempted = res.pop("preemptions")
         for n, entry in res.items():
             have[n] = entry | {"setting": want, "preemptions": preempted}

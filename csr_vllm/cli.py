@@ -54,9 +54,9 @@ def cmd_train_dict(args: argparse.Namespace) -> None:
     model = model_dir_or_default(args.model)
     shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
     cfg = TrainConfig(codec=_codec_from_args(args, shape.head_dim), preset=args.preset,
-                      corpus=args.corpus, train_windows=args.windows, neuraldict_steps=args.steps, seed=args.seed,
-                      kmeans_iters=args.kmeans_iters,
-                      max_vectors=args.max_vectors)
+                      corpus=args.corpus, train_windows=args.windows,
+                      neuraldict_steps=args.steps, seed=args.seed,
+                      kmeans_iters=args.kmeans_iters, max_vectors=args.max_vectors)
     dicts = train_dictionaries(model, args.out, cfg)
     print(json.dumps({"out": str(args.out), "bits_per_channel":
                       dicts.config.bits_per_channel(shape.head_dim), **dicts.info["summary"]},

@@ -1,0 +1,45 @@
+"""One vLLM engine per benchmarked method, each in a process of its own.
+
+vLLM keeps per-process state (its attention backend choice, the KV pool it sized at start), so
+a benchmark comparing methods runs itself again with ``--worker METHOD`` for each one; the
+worker prints one ``RESULT {json}`` line that the parent reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def resolve_model_and_dict(args: argparse.Namespace) -> None:
+    """Fill ``args.model`` / ``args.dict`` with the default model and dictionary if unset."""
+    from csr_vllm.cli import model_dir_or_default
+
+    args.model = str(model_dir_or_default(args.model))
+    if args.dict is None:
+        from csr_vllm.defaults import default_dictionary
+
+        args.dict = str(default_dictionary(Path(args.model)))
+
+
+def serve_as_worker(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict]) -> bool:
+    """In a worker process (``args.worker`` set): run it, print its RESULT line, return True."""
+    if not args.worker:
+        return False
+    print("RESULT " + json.dumps(run(args)), flush=True)
+    return True
+
+
+def run_worker(script: str, method: str, argv: list[str], env: dict[str, str]) -> dict:
+    """Run ``script --worker method`` with ``argv`` and return its result; exits with the
+    worker's stderr tail if it failed."""
+    cmd = [sys.executable, script, *argv, "--worker", method]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not line:
+        sys.exit(f"{method} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(line[-1][len("RESULT "):])
