@@ -143,7 +143,9 @@ def main() -> None:
         data["results"][method] = have
         store.write_text(json.dumps(data, indent=1))
         print(render({method: have}, lengths), flush=True)
-    table = render(data["results"], lengths)
+    # Every length measured so far, not only this invocation's: the file is the whole record.
+    measured = sorted({int(n) for per in data["results"].values() for n in per})
+    table = render(data["results"], measured)
     (out_dir / "ruler_engine.md").write_text(table)
     print(table)
 
