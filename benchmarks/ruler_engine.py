@@ -75,17 +75,20 @@ def answer_all(args: argparse.Namespace) -> dict:
         kw["additional_config"] = {"kv_cache_backend": "csr",
                                    "csr": {"dict": args.dict, "preset": args.worker}}
     llm = LLM(args.model, **kw)
+
+    def preemptions() -> float:  # vLLM's counter is cumulative over the engine's life
+        return sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+
     out = {}
     for n, ts in trials.items():
+        before = preemptions()
         params = [SamplingParams(temperature=0, max_tokens=t["budget"]) for t in ts]
         res = llm.generate([TokensPrompt(prompt_token_ids=t["ids"]) for t in ts], params,
                            use_tqdm=False)
         preds = [answer_text(r.outputs[0].text) for r in res]
         correct = [score(p, t["outputs"]) == 1.0 for p, t in zip(preds, ts, strict=True)]
         out[str(n)] = {"per_trial": correct, "predictions": preds, "correct": sum(correct),
-                       "trials": len(correct)}
-    out["preemptions"] = sum(m.value for m in llm.get_metrics()
-                             if m.name == "vllm:num_preemptions")
+                       "trials": len(correct), "preemptions": preemptions() - before}
     return out
 
 
@@ -137,9 +140,8 @@ def main() -> None:
         res = run_worker(__file__, method, [*sys.argv[1:], "--model", args.model, "--dict",
                                             args.dict, "--lengths", ",".join(map(str, todo))],
                          env)
-        preempted = res.pop("preemptions")
         for n, entry in res.items():
-            have[n] = entry | {"setting": want, "preemptions": preempted}
+            have[n] = entry | {"setting": want}
         data["results"][method] = have
         store.write_text(json.dumps(data, indent=1))
         print(render({method: have}, lengths), flush=True)

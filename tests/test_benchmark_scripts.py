@@ -57,6 +57,7 @@ def test_ruler_engine_benchmark_runs_and_reuses_its_results(tmp_path, default_di
     assert first.returncode == 0, first.stderr[-3000:]
     entry = json.loads((tmp_path / "ruler_engine.json").read_text())["results"]["csr-2b"]["1024"]
     assert entry["trials"] == 1 and len(entry["predictions"]) == 1
+    assert entry["preemptions"] == 0  # this length's own count (the engine's is cumulative)
     assert entry["setting"]["csr"].startswith("K ") and entry["setting"]["dictionary_sha256"]
     assert "| csr-2b | " in (tmp_path / "ruler_engine.md").read_text()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
