@@ -41,9 +41,10 @@ def test_kernel_benchmark_presets_match_the_codec():
     for name, p in PRESETS.items():
         assert p.key_coef == p.value_coef
         assert mod.PRESETS[name] == (p.budget_bits, p.key_coef)
-        cfg = p.config_for(128)
-        assert mod.atoms_per_vector(p.budget_bits, 128, p.num_atoms,
-                                    cfg.key.coef_format.bits) == cfg.key.atoms_per_chunk
+        for d in (64, 128, 256):  # csr-1b splits unevenly at 64, csr-1.5b at 128
+            cfg = p.config_for(d)
+            assert mod.split_atoms(p.budget_bits, d, p.num_atoms, cfg.key.coef_format.bits) == \
+                (cfg.key.atoms_per_chunk, cfg.value.atoms_per_chunk), (name, d)
     assert set(mod.PRESETS) == set(PRESETS)
 
 

@@ -1,5 +1,6 @@
 """The codec core: pursuit, coefficient formats, bit packing, slot sizes, presets and RoPE."""
 
+import dataclasses
 import math
 
 import pytest
@@ -390,16 +391,36 @@ def test_presets_stay_within_budget(name, head_dim):
     cfg = preset.config_for(head_dim)
     assert cfg.bits_per_channel(head_dim) <= preset.budget_bits
     assert cfg.key.atoms_per_chunk >= 1 and cfg.value.atoms_per_chunk >= 1
-    assert cfg.key.slot_bytes == cfg.value.slot_bytes
+    assert abs(cfg.key.atoms_per_chunk - cfg.value.atoms_per_chunk) <= 1
 
 
 def test_csr_1b_at_head_dim_64_is_the_documented_layout():
+    """4 key atoms and 3 value atoms of log5 share the 16 bytes that halves fit 3 + 3 in."""
     cfg = get_preset("csr-1b").config_for(64)
-    assert (cfg.key.atoms_per_chunk, cfg.key.num_atoms, cfg.key.coef) == (3, 8192, "fp8")
-    assert cfg.value == cfg.key
-    assert cfg.key.payload_bits == 63
-    assert cfg.key.slot_bytes == cfg.value.slot_bytes == 8
+    assert (cfg.key.atoms_per_chunk, cfg.key.num_atoms, cfg.key.coef) == (4, 8192, "log5")
+    assert (cfg.value.atoms_per_chunk, cfg.value.num_atoms, cfg.value.coef) == (3, 8192, "log5")
+    assert (cfg.key.payload_bits, cfg.value.payload_bits) == (72, 54)
+    assert (cfg.key.slot_bytes, cfg.value.slot_bytes) == (9, 7)
     assert cfg.bits_per_channel(64) == 1.0
+
+
+def test_presets_split_the_slot_evenly_when_that_fits_as_many_atoms():
+    """csr-2b: 7 + 7 in 16 + 16 bytes (8 + 6 would fit too, no more atoms); csr-1.5b's fp8
+    coding: 4 + 4 in 11 + 11, not the 6 + 3 that one more atom would need."""
+    cfg = get_preset("csr-2b").config_for(64)
+    assert (cfg.key.atoms_per_chunk, cfg.value.atoms_per_chunk) == (7, 7)
+    fp8 = dataclasses.replace(get_preset("csr-1.5b"), key_coef="fp8", value_coef="fp8")
+    cfg = fp8.config_for(64)
+    assert (cfg.key.atoms_per_chunk, cfg.value.atoms_per_chunk) == (4, 4)
+    assert (cfg.key.slot_bytes, cfg.value.slot_bytes) == (11, 11)
+
+
+def test_preset_spare_atom_goes_where_asked():
+    to_values = dataclasses.replace(get_preset("csr-1b"), spare="value").config_for(64)
+    assert (to_values.key.atoms_per_chunk, to_values.value.atoms_per_chunk) == (3, 4)
+    assert (to_values.key.slot_bytes, to_values.value.slot_bytes) == (7, 9)
+    with pytest.raises(ValueError, match="spare must be"):
+        Preset("x", 1.0, spare="both")
 
 
 def test_a_log_format_preset_fits_more_atoms_in_the_same_slot():
@@ -422,16 +443,25 @@ CHUNKED_PRESETS = [
 @pytest.mark.parametrize("preset", list(PRESETS.values()) + CHUNKED_PRESETS, ids=lambda p: p.name)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_preset_uses_as_many_atoms_as_fit(preset, head_dim):
-    """Preset docstring: each tensor gets as many atoms as fit in its whole-byte budget."""
+    """Preset docstring: no split of the slot's whole bytes with keys and values at most one
+    atom apart fits more atoms in all."""
     cfg = preset.config_for(head_dim)
-    budget = int(preset.budget_bits * head_dim) // 8 * 8
-    for tcfg in (cfg.key, cfg.value):
-        one_more = TensorCodecConfig(tcfg.num_atoms, tcfg.chunks, tcfg.atoms_per_chunk + 1,
-                                     tcfg.coef, tcfg.pursuit)
-        assert tcfg.payload_bits <= budget
-        assert one_more.payload_bits > budget, (
-            f"{tcfg} leaves room for another atom per chunk in {budget} bits"
-        )
+    slot = 2 * (int(preset.budget_bits * head_dim) // 8)
+    assert cfg.slot_bytes() <= slot
+
+    def grown(tcfg, extra):
+        return dataclasses.replace(tcfg, atoms_per_chunk=tcfg.atoms_per_chunk + extra)
+
+    have = cfg.key.atoms_per_chunk + cfg.value.atoms_per_chunk
+    for dk in range(-have, have + 2):
+        for dv in range(-have, have + 2):
+            if dk + dv < 1:
+                continue
+            sk, sv = cfg.key.atoms_per_chunk + dk, cfg.value.atoms_per_chunk + dv
+            if min(sk, sv) < 1 or abs(sk - sv) > 1:
+                continue
+            assert grown(cfg.key, dk).slot_bytes + grown(cfg.value, dv).slot_bytes > slot, (
+                f"{sk} key + {sv} value atoms fit in {slot} bytes; {preset.name} uses {have}")
 
 
 def test_get_preset_unknown_name_lists_valid_names():

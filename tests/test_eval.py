@@ -178,9 +178,17 @@ def test_coefficient_format_options_refit_the_preset_budget(tmp_path):
     k, v = m.dicts.config.key, m.dicts.config.value
     assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("fp8", 6, "fp8", 6)
     assert m.bits_per_channel(64) == 2.0
-    m = make_method("csr-1b+vcoef=log3", tmp_path, shape)
+    m = make_method("csr-1b+coef=fp8+vcoef=log3", tmp_path, shape)
     k, v = m.dicts.config.key, m.dicts.config.value
     assert (k.coef, k.atoms_per_chunk, v.coef, v.atoms_per_chunk) == ("fp8", 3, "log3", 4)
     assert "log3" in m.setting
+    # csr-1b's 16 bytes split unevenly: the spare log5 atom to the keys, or to the values.
+    for name, atoms in (("csr-1b", (4, 3)), ("csr-1b+spare=value", (3, 4)),
+                        ("csr-1b+coef=fp8", (3, 3))):
+        c = make_method(name, tmp_path, shape).dicts.config
+        assert (c.key.atoms_per_chunk, c.value.atoms_per_chunk) == atoms, name
+        assert c.bits_per_channel(64) == 1.0
+    with pytest.raises(ValueError, match=r"bad spare atom's tensor"):
+        make_method("csr-1b+spare=both", tmp_path, shape)
     with pytest.raises(ValueError, match=r"bad coefficient format .*log3\.\.log6"):
         make_method("csr-2b+coef=log9", tmp_path, shape)

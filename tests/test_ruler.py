@@ -185,7 +185,7 @@ def test_csr_setting_names_the_codec_of_each_tensor(tmp_path):
     cfg = get_preset("csr-1b").config_for(64)
     atoms = torch.nn.functional.normalize(torch.randn(1, 1, 1, 8192, 64), dim=-1)
     d = DictionarySet(cfg, shape, atoms, atoms)
-    assert CSR(d, "csr-1b").setting == "K 1x3xfp8/8192omp V 1x3xfp8/8192omp rope=pre"
+    assert CSR(d, "csr-1b").setting == "K 1x4xlog5/8192omp V 1x3xlog5/8192omp rope=pre"
     assert CSR(d, "x", adapt=3).setting.endswith("adapt=3/128")
 
 

@@ -29,7 +29,7 @@ import time
 
 # (bits per channel, coefficient format) of each preset, as csr_vllm.codec.config.PRESETS
 # (not imported: this script runs where only torch and triton exist; tested equal).
-PRESETS = {"csr-1b": (1.0, "fp8"), "csr-1.5b": (1.5, "log5"), "csr-2b": (2.0, "log5"),
+PRESETS = {"csr-1b": (1.0, "log5"), "csr-1.5b": (1.5, "log5"), "csr-2b": (2.0, "log5"),
            "csr-4b": (4.0, "fp8")}
 
 
@@ -61,11 +61,20 @@ def parse_args(argv=None):
     return args
 
 
-def atoms_per_vector(bits: float, head_dim: int, num_atoms: int, coef_bits: int = 8) -> int:
-    """Atoms a preset fits per vector (``coef_bits`` coefficients, ceil(log2 A)-bit indices;
-    as csr_vllm.codec.config.Preset, without importing the codec package)."""
-    budget = int(bits * head_dim) // 8 * 8
-    return budget // (coef_bits + max(1, math.ceil(math.log2(num_atoms))))
+def split_atoms(bits: float, head_dim: int, num_atoms: int, coef_bits: int = 8) -> tuple[int, int]:
+    """(key, value) atoms a preset fits per vector (``coef_bits`` coefficients, ceil(log2 A)-bit
+    indices, no per-vector scale): as csr_vllm.codec.config.Preset, without importing the codec
+    package — halves of the slot each, unless moving bytes fits one more atom in all, keys and
+    values at most one atom apart, the spare one to the keys."""
+    per_atom = coef_bits + max(1, math.ceil(math.log2(num_atoms)))
+    half = int(bits * head_dim) // 8
+    even = (8 * half // per_atom,) * 2
+    splits = [even]
+    for sk in range(1, 16 * half // per_atom + 1):
+        sv = (8 * (2 * half - -(-sk * per_atom // 8))) // per_atom
+        if abs(sk - sv) <= 1:
+            splits.append((sk, sv))
+    return max(splits, key=lambda x: (min(x) >= 1, sum(x), x == even, x[0]))
 
 
 def ladder_table(fmt, device):
@@ -100,11 +109,10 @@ def main(argv=None) -> int:
     h, d, bs, a = args.kv_heads, args.head_dim, args.block_size, args.atoms
     bits, preset_coef = PRESETS[args.preset]
     args.coef = args.coef or preset_coef
-    s = atoms_per_vector(bits, d, a, COEF_FORMATS[args.coef])
-    fmt = CodeFormat(a, 1, s, args.coef, "omp")
-    slot = 2 * fmt.slot_bytes
-    lad = ladder_table(fmt, dev)
-    ladders = {"key_ladder": lad, "value_ladder": lad}
+    sk, sv = split_atoms(bits, d, a, COEF_FORMATS[args.coef])
+    kfmt, vfmt = CodeFormat(a, 1, sk, args.coef, "omp"), CodeFormat(a, 1, sv, args.coef, "omp")
+    slot = kfmt.slot_bytes + vfmt.slot_bytes
+    ladders = {"key_ladder": ladder_table(kfmt, dev), "value_ladder": ladder_table(vfmt, dev)}
 
     def timed(fn) -> float:
         """Median seconds of fn over the repeats (one warm-up call first)."""
@@ -142,7 +150,7 @@ def main(argv=None) -> int:
     pool_pos = torch.arange(pool_n, device=dev)
     rope = rope_rows(pool_pos, d, 500000.0) if args.key_rope == "pre" else (None, None)
     encode_store(torch.randn(pool_n, h, d, device=dev), torch.randn(pool_n, h, d, device=dev),
-                 pool_pos, pool, katoms, vatoms, fmt, fmt, *rope, **ladders)
+                 pool_pos, pool, katoms, vatoms, kfmt, vfmt, *rope, **ladders)
     pool_slots = pool.permute(0, 2, 1, 3).reshape(-1, h, slot)[:pool_n]
 
     dense_fn_name = "sdpa-gather"
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
             unified, dense_fn_name = unified_attention, "vllm-unified_attention"
         except Exception:  # vLLM not installed on this machine: the PyTorch baseline
             unified = None
-    ctx_ = {"args": args, "dev": dev, "fmt": fmt, "slot": slot, "katoms": katoms,
+    ctx_ = {"args": args, "dev": dev, "fmts": (kfmt, vfmt), "slot": slot, "katoms": katoms,
             "vatoms": vatoms, "pool_slots": pool_slots, "pool_n": pool_n, "unified": unified,
             "timed": timed, "ladders": ladders}
     rows = [bench_shape(ctx_, b, ctx) for ctx in [int(x) for x in args.context.split(",")]
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
     device = "cpu (Triton interpreter; smoke run, timings meaningless)" if args.interpret \
         else torch.cuda.get_device_name()
     print(f"device: {device}; dense baseline: {dense_fn_name}; preset {args.preset} "
-          f"({s} + {s} atoms of {args.coef}, {slot}-byte slot vs {4 * d} bf16); keys "
+          f"({sk} + {sv} atoms of {args.coef}, {slot}-byte slot vs {4 * d} bf16); keys "
           f"{args.key_rope}-RoPE; "
           f"copy bandwidth {copy_bw / 1e9:.1f} GB/s")
     print("| batch | context | sparse ms | sparse GB/s (% copy) | dense ms | dense GB/s | "
@@ -187,7 +195,8 @@ def bench_shape(env: dict, b: int, ctx: int) -> dict:
     from csr_vllm.ops.encode import encode_store, rope_rows
     from csr_vllm.ops.sparse_decode import sparse_decode_attention
 
-    args, dev, fmt, slot, timed = env["args"], env["dev"], env["fmt"], env["slot"], env["timed"]
+    args, dev, slot, timed = env["args"], env["dev"], env["slot"], env["timed"]
+    kfmt, vfmt = env["fmts"]
     katoms, vatoms, unified = env["katoms"], env["vatoms"], env["unified"]
     ladders = env["ladders"]
     hq, h, d, bs = args.heads, args.kv_heads, args.head_dim, args.block_size
@@ -207,9 +216,9 @@ def bench_shape(env: dict, b: int, ctx: int) -> dict:
     pre = args.key_rope == "pre"
     tables = rope_rows(torch.arange(ctx, device=dev), d, 500000.0) if pre else (None, None)
     sparse_s = timed(lambda: sparse_decode_attention(
-        q, cache, table, seq, ntail, tail_k, tail_v, katoms, vatoms, fmt, fmt, d ** -0.5,
+        q, cache, table, seq, ntail, tail_k, tail_v, katoms, vatoms, kfmt, vfmt, d ** -0.5,
         *tables, max_seq_len=ctx, **ladders))
-    sparse_bytes = b * h * ((ctx - w) * 3 * fmt.slot_bytes + w * d * 2 * 2)
+    sparse_bytes = b * h * ((ctx - w) * (2 * kfmt.slot_bytes + vfmt.slot_bytes) + w * d * 2 * 2)
     row.update(sparse_ms=sparse_s * 1e3, sparse_gbps=sparse_bytes / sparse_s / 1e9)
     cache = None  # free the codes before the dense cache is allocated
     # Encode of one decode step's new K/V (b tokens x h heads, keys and values).
@@ -218,8 +227,8 @@ def bench_shape(env: dict, b: int, ctx: int) -> dict:
     scratch = torch.zeros(b, h, 1, slot, dtype=torch.uint8, device=dev)
     new_slots = torch.arange(b, device=dev)
     erope = rope_rows(seq.long() - 1, d, 500000.0) if pre else (None, None)
-    enc_s = timed(lambda: encode_store(new_k, new_v, new_slots, scratch, katoms, vatoms, fmt,
-                                       fmt, *erope, **ladders))
+    enc_s = timed(lambda: encode_store(new_k, new_v, new_slots, scratch, katoms, vatoms, kfmt,
+                                       vfmt, *erope, **ladders))
     row.update(encode_ms=enc_s * 1e3, encode_vectors_per_s=2 * b * h / enc_s,
                encode_over_decode=enc_s / sparse_s)
     if dense_gib * (1 if unified else 2) > args.max_gib:

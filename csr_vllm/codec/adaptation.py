@@ -13,7 +13,7 @@ recomputes blocks at any time):
   and are freed exactly with the block: no reference counts, nothing to go stale.
 * **Index space: E reserved values.** Index values ``[A - E, A)`` of the existing index width
   address the block's sampled atoms; the trained atoms at those indices are dropped. The slot
-  keeps its size (one more index bit would cost ``csr-1b`` one of its three atoms).
+  keeps its size (one more index bit would cost ``csr-1b`` one of its seven atoms).
 * **Sampling: the worst-coded vectors.** A step's vectors of one block are coded against the
   trained atoms plus the block's atoms so far; the block's empty atom slots are then filled
   with the vectors (per chunk) that this left with the largest absolute error, normalised and

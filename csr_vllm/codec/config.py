@@ -139,11 +139,14 @@ class CodecConfig:
 class Preset:
     """A named bit budget; the atoms per vector follow from the model's head_dim.
 
-    The budget is all-in bits per K/V channel of the stored slot. Keys and values get the same
-    number of bytes each, and as many atoms as fit in their coefficient format: at head_dim 64,
-    ``csr-1b`` is 8 bytes per key (3 atoms x (13-bit index + fp8 coefficient) = 63 bits) and 8
-    per value; ``csr-2b`` 16 bytes each (7 atoms x (13-bit index + log5 coefficient) = 126
-    bits).
+    The budget is all-in bits per K/V channel of the stored slot (key code + value code, each
+    padded to whole bytes). Keys and values get half the slot each, as many atoms as fit in
+    their coefficient format, unless moving bytes between them fits another atom in all with
+    keys and values at most one atom apart; then the spare atom goes to ``spare`` (the keys
+    by default: measured better than the values, README *Presets*).
+    At head_dim 64, ``csr-1b``'s 16 bytes hold 4 key atoms (13-bit index + log5 coefficient:
+    72 bits, 9 bytes) and 3 value atoms (54 bits, 7 bytes), where halves of 8 bytes fit 3 + 3;
+    ``csr-2b`` holds 7 + 7 in 16 + 16 bytes.
     """
 
     name: str
@@ -155,22 +158,40 @@ class Preset:
     key_chunks: int = 1
     value_chunks: int = 1
     key_rope: RopeMode = "pre"
+    spare: Literal["key", "value"] = "key"
 
-    def _tensor(self, head_dim: int, chunks: int, coef: str) -> TensorCodecConfig:
-        budget = int(self.budget_bits * head_dim) // 8 * 8  # whole bytes per tensor
-        probe = TensorCodecConfig(self.num_atoms, chunks, 1, coef, self.pursuit)
-        per_atom = probe.payload_bits - (SCALE_BITS if probe.coef_format.has_scale else 0)
-        fixed = probe.payload_bits - per_atom
-        atoms = (budget - fixed) // per_atom  # per_atom already spans all C chunks
-        if atoms < 1:
-            raise ValueError(f"preset {self.name} cannot fit one atom in {budget} bits "
-                             f"at head_dim {head_dim}")
+    def __post_init__(self) -> None:
+        if self.spare not in ("key", "value"):
+            raise ValueError(f"spare must be 'key' or 'value', got {self.spare!r}")
+
+    def _tensor(self, chunks: int, coef: str, atoms: int) -> TensorCodecConfig:
         return TensorCodecConfig(self.num_atoms, chunks, atoms, coef, self.pursuit)
+
+    def _fit(self, chunks: int, coef: str, nbytes: int) -> int:
+        """Atoms per chunk that fit in ``nbytes`` (0 if none)."""
+        probe = self._tensor(chunks, coef, 1)
+        per_atom = probe.payload_bits - (SCALE_BITS if probe.coef_format.has_scale else 0)
+        fixed = probe.payload_bits - per_atom  # per_atom already spans all C chunks
+        return max(0, (8 * nbytes - fixed) // per_atom)
 
     def config_for(self, head_dim: int) -> CodecConfig:
         """The codec setting this preset means for a model with ``head_dim``."""
-        cfg = CodecConfig(key=self._tensor(head_dim, self.key_chunks, self.key_coef),
-                          value=self._tensor(head_dim, self.value_chunks, self.value_coef),
+        half = int(self.budget_bits * head_dim) // 8  # whole bytes per tensor
+        kc, vc = (self.key_chunks, self.key_coef), (self.value_chunks, self.value_coef)
+        even = (self._fit(*kc, half), self._fit(*vc, half))
+        splits = [even]
+        for sk in range(1, self._fit(*kc, 2 * half) + 1):
+            rest = 2 * half - self._tensor(*kc, sk).slot_bytes
+            sv = self._fit(*vc, rest)
+            if abs(sk - sv) <= 1:  # lopsided splits are unmeasured: at most one atom apart
+                splits.append((sk, sv))
+        to_keys = self.spare == "key"
+        sk, sv = max(splits, key=lambda s: (min(s) >= 1, sum(s), s == even,
+                                            s[0] if to_keys else s[1]))
+        if min(sk, sv) < 1:
+            raise ValueError(f"preset {self.name} cannot fit one key and one value atom in "
+                             f"{2 * half} bytes at head_dim {head_dim}")
+        cfg = CodecConfig(key=self._tensor(*kc, sk), value=self._tensor(*vc, sv),
                           key_rope=self.key_rope)
         assert cfg.bits_per_channel(head_dim) <= self.budget_bits + 1e-9
         return cfg
@@ -180,12 +201,13 @@ class Preset:
 # atoms, whole vectors, keys before RoPE), so one trained dictionary folder serves every
 # preset; presets differ in atoms per vector and coefficient format. log5 coefficients fit
 # more atoms (csr-1.5b: 5 where fp8 fits 4; csr-2b: 7 where fp8 fits 6) and measured better on
-# both held-out texts (and on RULER at 1024 tokens for csr-2b). At 1 bit log5 buys no extra
-# atom (3 either way) and is coarser than fp8; at 4 bits fp8's 12 precise atoms beat 14 of
-# log5: csr-1b and csr-4b keep fp8.
+# both held-out texts (and on RULER at 1024 tokens for csr-2b). At 1 bit log5 fits 4 + 3 atoms
+# in csr-1b's 16 bytes where fp8 fits 3 + 3, and measured better on both texts (4 + 3 better
+# than 3 + 4); at 4 bits fp8's 12 precise atoms beat 14 of log5: csr-4b keeps fp8.
 PRESETS: dict[str, Preset] = {
     p.name: p
-    for p in (Preset("csr-1b", 1.0), Preset("csr-1.5b", 1.5, key_coef="log5", value_coef="log5"),
+    for p in (Preset("csr-1b", 1.0, key_coef="log5", value_coef="log5"),
+              Preset("csr-1.5b", 1.5, key_coef="log5", value_coef="log5"),
               Preset("csr-2b", 2.0, key_coef="log5", value_coef="log5"), Preset("csr-4b", 4.0))
 }
 

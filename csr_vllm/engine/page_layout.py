@@ -7,8 +7,9 @@ one slot, C = Ck + Cv bytes::
     bytes [0, Ck)      key code    (bit stream of csr_vllm.codec.packing: [scale] coefs indices)
     bytes [Ck, Ck+Cv)  value code  (same layout, the value dictionary's widths)
 
-With ``csr-1b`` at head_dim 64: Ck = Cv = 8 (3 atoms x (13-bit index + fp8 coefficient) = 63
-bits each), C = 16 bytes against bf16's 256: 16x the tokens per block of memory. Keys are coded
+With ``csr-1b`` at head_dim 64: Ck = 9 (4 atoms x (13-bit index + log5 coefficient) = 72
+bits), Cv = 7 (3 atoms, 54 bits), C = 16 bytes against bf16's 256: 16x the tokens per block of
+memory. Keys are coded
 before or after RoPE as the dictionary says; pre-RoPE keys are rotated back with the token's
 position before coding and forward again after decoding.
 

@@ -272,6 +272,9 @@ def make_method(name: str, dict_dir: str | Path | None = None,
                 kc = options.get("coef", preset.key_coef)
                 preset = dataclasses.replace(preset, key_coef=kc,
                                              value_coef=options.get("vcoef", kc))
+            # "+spare=value": an uneven split's extra atom to the values instead of the keys.
+            if "spare" in options:
+                preset = dataclasses.replace(preset, spare=options["spare"])
             dicts = dicts.with_codec(preset.config_for(dicts.shape.head_dim))
         return CSR(dicts, name, guard_fraction=options.get("outliers", 0.0),
                    adapt=int(options.get("adapt", 0)))
@@ -282,7 +285,14 @@ def _coef_name(v: str) -> str:
     return CoefFormat(v).name  # raises ValueError listing the valid formats
 
 
-CSR_OPTIONS = {"outliers": float, "adapt": int, "coef": _coef_name, "vcoef": _coef_name}
+def _spare(v: str) -> str:
+    if v not in ("key", "value"):
+        raise ValueError(v)
+    return v
+
+
+CSR_OPTIONS = {"outliers": float, "adapt": int, "coef": _coef_name, "vcoef": _coef_name,
+               "spare": _spare}
 
 
 def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
@@ -299,7 +309,8 @@ def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
         except ValueError:
             what = {"outliers": "outlier fraction", "coef": "coefficient format (fp8, fp16, "
                     "int3..int8, log3..log6)", "vcoef": "value coefficient format (fp8, fp16, "
-                    "int3..int8, log3..log6)"}.get(key, f"{key} value")
+                    "int3..int8, log3..log6)", "spare": "spare atom's tensor (key or value)"
+                    }.get(key, f"{key} value")
             raise ValueError(f"bad {what} in {name!r} (e.g. csr-2b+outliers=0.02+adapt=3)") \
                 from None
         if not isinstance(options[key], str) and options[key] < 0:
