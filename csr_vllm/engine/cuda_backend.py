@@ -32,6 +32,7 @@ coefficient formats (refused by the kernels; fp8, fp16 and logB are in them).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -100,17 +101,18 @@ DECODE_CHUNK = 64  # decode rows per sparse-decode launch (bounds its reserved w
 
 
 class DeviceState:
-    """Per-process device copies of what every layer reads: dictionaries (float32), code
-    formats, RoPE tables, the reconstruct scratch and the kernels' workspaces. Built once, on
-    the first layer, so all of it exists before vLLM profiles memory."""
-
-    _instance: ClassVar[DeviceState | None] = None
+    """One engine's device copies of what every layer reads: dictionaries (float32), code
+    formats, RoPE tables, the reconstruct scratch and the kernels' workspaces. Built on the
+    engine's first layer (:meth:`get`), so all of it exists before vLLM profiles memory, and
+    held by its layers' impls: it goes when they do."""
 
     def __init__(self, dicts: DictionarySet, device: torch.device, max_model_len: int,
                  block_size: int, dtype: torch.dtype, q_heads: int) -> None:
         from csr_vllm.ops import encode, sparse_decode
         from csr_vllm.ops.encode import rope_rows
 
+        # Held so that id(dicts) in get()'s key names no other dictionary while this lives.
+        self.dicts = dicts
         shape = dicts.shape
         h, d = shape.num_kv_heads, shape.head_dim
         self.key_fmt = CodeFormat.of(dicts.config.key)
@@ -153,12 +155,23 @@ class DeviceState:
     @classmethod
     def get(cls, dicts: DictionarySet, device: torch.device, max_model_len: int,
             block_size: int, dtype: torch.dtype, q_heads: int) -> DeviceState:
-        if cls._instance is None:
-            cls._instance = cls(dicts, device, max_model_len, block_size, dtype, q_heads)
+        """The state for these arguments: the one another layer of the engine already holds,
+        else a new one (so a second engine in the process, with other dictionaries or sizes,
+        never reads the first one's)."""
+        key = (id(dicts), device, max_model_len, block_size, dtype, q_heads)
+        state = _STATES.get(key)
+        if state is None:
+            state = _STATES[key] = cls(dicts, device, max_model_len, block_size, dtype,
+                                       q_heads)
             logger.info("CSR on CUDA: %.1f MiB reserved outside the KV pool (dictionaries, RoPE "
                         "tables, reconstruct scratch for one %d-token request, kernel "
-                        "workspaces)", cls._instance.nbytes() / 2**20, max_model_len)
-        return cls._instance
+                        "workspaces)", state.nbytes() / 2**20, max_model_len)
+        return state
+
+
+# Lookup only, not ownership: the layers' impls hold their engine's state (weak values, so a
+# finished engine's device memory is freed with its layers).
+_STATES: weakref.WeakValueDictionary[tuple, DeviceState] = weakref.WeakValueDictionary()
 
 
 @dataclass
