@@ -1,0 +1,134 @@
+"""Native CPU kernels of the CSR KV cache (a torch C++ extension, ops ``csr_cpu::*``).
+
+Built from ``csrc/csr_cpu.cpp`` by ``python -m csr_vllm.native build`` (the Makefile's set-up
+runs it) or on first use, into ``<cache>/native/<key>`` (key: source, torch version and this
+CPU's instruction sets, since it is compiled with ``-march=native``). A failed build warns once
+and :func:`load` returns None: callers then use the PyTorch reference, never crash.
+
+Ops (shapes in the project's notation; formats as :func:`format_ints`):
+
+* ``encode_store(x [N, H, D], positions [N], cos, sin [P, D], atoms [A, D], atoms_t [D, A],
+  ladder [S, M], kv_cache!, slots [N], fmt, undo_rope) -> rel_err [N, H]``
+* ``decode_dense(kv_cache, blocks [R], counts [R], pos0 [R], key_fmt, value_fmt, key_atoms,
+  key_ladder, value_atoms, value_ladder, cos, sin, apply_rope, out_k!, out_v! [R*BS, H, D])``
+* ``decode_attention(query [N, Hq, D], kv_cache, block_table [B, M], seq_lens [B], rows [B],
+  key_fmt, value_fmt, ..., win_store [cap, H, BS, 2, D], win_index [B, W], own_k, own_v
+  [N, H, D], scale, output! [N, Hq, D])``
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from csr_vllm.codec.config import TensorCodecConfig
+from csr_vllm.paths import cache_root
+
+logger = logging.getLogger("vllm.csr_vllm.native")
+
+SOURCE = Path(__file__).parent / "csrc" / "csr_cpu.cpp"
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}  # "ops" -> namespace or None, "error" -> str
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_dir() -> Path:
+    """Where this source, torch and CPU's build lives."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    return cache_root() / "native" / key
+
+
+def _build(verbose: bool = False) -> None:
+    from torch.utils import cpp_extension
+
+    out = build_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="csr_cpu", sources=[str(SOURCE)], build_directory=str(out),
+        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+        extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+
+
+def load(verbose: bool = False):
+    """The ``torch.ops.csr_cpu`` namespace, building the extension on first use; None (with
+    one warning per process) when it cannot be built or loaded here."""
+    with _LOCK:
+        if "ops" not in _STATE:
+            try:
+                if os.environ.get("CSR_VLLM_NATIVE_DISABLE"):  # for testing the fallback
+                    raise RuntimeError("disabled by CSR_VLLM_NATIVE_DISABLE")
+                _build(verbose)
+                _register_fakes()
+                _STATE["ops"] = torch.ops.csr_cpu
+            except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
+                _STATE["ops"], _STATE["error"] = None, f"{type(e).__name__}: {e}"
+                warnings.warn(f"csr-vllm: the native CPU kernels are unavailable "
+                              f"({_STATE['error'].splitlines()[0][:300]}); using the PyTorch "
+                              "reference (slower, same results)", RuntimeWarning, stacklevel=2)
+        return _STATE["ops"]
+
+
+def error() -> str | None:
+    """Why :func:`load` returned None (None if it did not, or was not called)."""
+    return _STATE.get("error")  # type: ignore[return-value]
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so traced code (torch.compile) can pass through the ops."""
+    def encode_fake(x, positions, cos, sin, atoms, atoms_t, ladder, kv_cache, slots, fmt,
+                    undo_rope):
+        return x.new_empty(x.shape[:2], dtype=torch.float32)
+
+    def nothing(*args, **kwargs):
+        return None
+
+    for name, fn in (("csr_cpu::encode_store", encode_fake),
+                     ("csr_cpu::decode_dense", nothing),
+                     ("csr_cpu::decode_attention", nothing)):
+        with contextlib.suppress(RuntimeError):  # already registered in this process
+            torch.library.register_fake(name)(fn)
+
+
+# Coefficient kinds of the C++ side.
+_KINDS = {"fp16": 0, "fp8": 1} | {f"log{b}": 2 for b in range(3, 7)}
+
+
+def unsupported(config: TensorCodecConfig) -> str | None:
+    """Why the native kernels cannot code ``config`` (None: they can)."""
+    if config.chunks != 1:
+        return f"{config.chunks} chunks per vector"
+    if config.pursuit != "omp":
+        return f"pursuit {config.pursuit!r}"
+    if config.coef not in _KINDS:
+        return f"coefficient format {config.coef!r}"
+    if config.sampled_atoms:
+        return "sampled atoms (dictionary adaptation)"
+    if config.atoms_per_chunk > 64 or config.slot_bytes > 192:
+        return f"{config.atoms_per_chunk} atoms per vector"
+    return None
+
+
+def format_ints(config: TensorCodecConfig, byte_offset: int) -> list[int]:
+    """[byte offset, S, coefficient kind, coefficient bits, index bits, code bytes, ladder
+    octaves (logB; else 0)]."""
+    fmt = config.coef_format
+    return [byte_offset, config.atoms_per_chunk, _KINDS[config.coef], fmt.bits,
+            config.index_bits, config.slot_bytes, fmt.octaves if fmt.uses_ladder else 0]

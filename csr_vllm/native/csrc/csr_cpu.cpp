@@ -1,0 +1,887 @@
+// Native CPU kernels of the CSR KV cache: encode + store, pages to dense, decode attention.
+//
+// The plain-PyTorch codec (csr_vllm/codec) is the spec; every op here is tested against it
+// (tests/test_native_kernels.py). Shapes use the project's notation: N vectors/tokens, H KV
+// heads, G query heads per KV head, D head_dim, A atoms, S atoms per vector, BS block size,
+// C slot bytes.
+//
+// A tensor's code (key or value) sits in each slot at a byte offset, as one little-endian
+// bit stream: S coefficient fields of `coef_bits`, then S index fields of `index_bits`
+// (csr_vllm/codec/packing.py). A format travels as `int[] fmt` =
+// [byte_offset, S, coef_kind, coef_bits, index_bits, code_bytes, octaves] with coef_kind 0 = fp16,
+// 1 = fp8 (e4m3), 2 = logB (sign bit over a ladder index; ladder table [S, M] fp32, entry
+// [s, i] = top_s * step_i, exactly what the reference multiplies; octaves: the ladder's span).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace csr {
+namespace {
+
+constexpr int kMaxAtoms = 64;      // S per vector (csr-4b at head_dim 256 is 56)
+constexpr int kMaxCodeBytes = 192;  // one tensor's code bytes
+
+struct Format {
+  int64_t offset, atoms, kind, coef_bits, index_bits, bytes, octaves;
+};
+
+Format format_of(c10::IntArrayRef f) {
+  TORCH_CHECK(f.size() == 7, "a code format is [offset, S, coef_kind, coef_bits, index_bits, bytes, octaves]");
+  Format fm{f[0], f[1], f[2], f[3], f[4], f[5], f[6]};
+  TORCH_CHECK(fm.atoms >= 1 && fm.atoms <= kMaxAtoms, "atoms per vector must be in [1, 64]");
+  TORCH_CHECK(fm.bytes <= kMaxCodeBytes, "code too wide for the native kernels");
+  TORCH_CHECK(fm.kind >= 0 && fm.kind <= 2, "unknown coefficient kind");
+  TORCH_CHECK(fm.atoms * (fm.coef_bits + fm.index_bits) <= 8 * fm.bytes, "fields exceed the code bytes");
+  return fm;
+}
+
+// -- bit fields -----------------------------------------------------------------------------
+inline uint32_t read_field(const uint8_t* buf, int64_t bit, int64_t width) {
+  // buf is zero-padded by 8 bytes past the code, so a 64-bit read is always in bounds.
+  uint64_t word;
+  std::memcpy(&word, buf + (bit >> 3), 8);
+  return static_cast<uint32_t>((word >> (bit & 7)) & ((uint64_t(1) << width) - 1));
+}
+
+inline void write_field(uint8_t* buf, int64_t bit, int64_t width, uint32_t value) {
+  for (int64_t b = 0; b < width; ++b, ++bit) {
+    if ((value >> b) & 1u) buf[bit >> 3] |= uint8_t(1u << (bit & 7));
+  }
+}
+
+// One vector's code, unpacked: S indices and dequantised coefficients.
+struct Code {
+  int32_t idx[kMaxAtoms];
+  float coef[kMaxAtoms];
+};
+
+inline float coef_value(const Format& f, uint32_t code, int64_t s, const float* ladder, int64_t m) {
+  if (f.kind == 0) return static_cast<float>(c10::Half(static_cast<uint16_t>(code), c10::Half::from_bits()));
+  if (f.kind == 1) return static_cast<float>(c10::Float8_e4m3fn(static_cast<uint8_t>(code), c10::Float8_e4m3fn::from_bits()));
+  const uint32_t levels = (1u << (f.coef_bits - 1)) - 1;
+  const float mag = ladder[s * m + (code & levels)];
+  return (code >> (f.coef_bits - 1)) ? -mag : mag;
+}
+
+inline void unpack(const uint8_t* slot, const Format& f, const float* ladder, int64_t m, Code& out) {
+  uint8_t buf[kMaxCodeBytes + 8];
+  std::memcpy(buf, slot + f.offset, f.bytes);
+  std::memset(buf + f.bytes, 0, 8);
+  const int64_t ib = f.atoms * f.coef_bits;
+  for (int64_t s = 0; s < f.atoms; ++s) {
+    out.coef[s] = coef_value(f, read_field(buf, s * f.coef_bits, f.coef_bits), s, ladder, m);
+    out.idx[s] = static_cast<int32_t>(read_field(buf, ib + s * f.index_bits, f.index_bits));
+  }
+}
+
+// Quantise coefficient c of pursuit position s: returns the stored value, sets the field.
+inline float quantize(const Format& f, float c, int64_t s, const float* ladder, int64_t m,
+                      uint32_t& code) {
+  if (f.kind == 0) {
+    c10::Half h(c);
+    code = h.x;
+    return static_cast<float>(h);
+  }
+  if (f.kind == 1) {
+    c10::Float8_e4m3fn q(c);
+    code = q.x;
+    return static_cast<float>(q);
+  }
+  // logB: nearest ladder level in the log domain (as CoefFormat.encode, in float32).
+  const int64_t levels = (int64_t(1) << (f.coef_bits - 1)) - 1;
+  const float top = ladder[s * m];
+  const float factor = static_cast<float>(static_cast<double>(levels) / static_cast<double>(f.octaves));
+  const float ratio = std::log2(top / std::max(std::fabs(c), FLT_MIN));
+  float r = std::nearbyint(ratio * factor);
+  r = std::min(std::max(r, 0.0f), static_cast<float>(levels));
+  const uint32_t i = static_cast<uint32_t>(r);
+  code = i | (uint32_t(c < 0) << (f.coef_bits - 1));
+  return c < 0 ? -ladder[s * m + i] : ladder[s * m + i];
+}
+
+// x[D] = sum_s coef_s * atoms[idx_s]  (atoms [A, D] row-major)
+inline void rebuild(const Code& code, int64_t atoms_n, const float* atoms, int64_t d, float* x) {
+  std::fill(x, x + d, 0.0f);
+  for (int64_t s = 0; s < atoms_n; ++s) {
+    const float c = code.coef[s];
+    const float* a = atoms + int64_t(code.idx[s]) * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) x[j] += c * a[j];
+  }
+}
+
+// RoPE, half-rotation convention (csr_vllm/codec/rope.py); sign = +1 apply, -1 undo.
+inline void rope(const float* x, const float* cos, const float* sin, int64_t d, float sign, float* out) {
+  const int64_t h = d / 2;
+#pragma omp simd
+  for (int64_t j = 0; j < h; ++j) out[j] = x[j] * cos[j] - sign * x[j + h] * sin[j];
+#pragma omp simd
+  for (int64_t j = h; j < d; ++j) out[j] = x[j] * cos[j] + sign * x[j - h] * sin[j];
+}
+
+// Row `row` (of d elements) of a bfloat16 / float16 / float32 tensor, as float32 in dst.
+inline void load_row(const at::Tensor& t, int64_t row, int64_t d, float* dst) {
+  switch (t.scalar_type()) {
+    case at::kBFloat16: {
+      const auto* p = t.data_ptr<at::BFloat16>() + row * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(p[j]);
+      break;
+    }
+    case at::kHalf: {
+      const auto* p = t.data_ptr<at::Half>() + row * d;
+      for (int64_t j = 0; j < d; ++j) dst[j] = static_cast<float>(p[j]);
+      break;
+    }
+    default:
+      std::copy(t.data_ptr<float>() + row * d, t.data_ptr<float>() + (row + 1) * d, dst);
+  }
+}
+
+inline void check_float_like(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(!t.numel() || (t.is_contiguous() && (t.scalar_type() == at::kBFloat16 ||
+              t.scalar_type() == at::kHalf || t.scalar_type() == at::kFloat)),
+              what, " must be a contiguous bfloat16, float16 or float32 tensor");
+}
+
+// -- correlation: argmax_a |<r_i, atom_a>| for a block of rows ----------------------------
+// atoms_t is [D, A] (atoms in lanes), so a block of R rows reads the dictionary once and keeps
+// every correlation in registers: the [N, A] product is never written out.
+constexpr int kRows = 16;
+
+#if defined(__AVX512F__)
+// R rows at a time: R accumulators stay in registers (R is a template argument so the
+// compiler can keep them there), each FMA reads 16 atoms' channel j once for all R rows.
+template <int R>
+void best_atoms_avx512(const float* res, int64_t d, const float* atoms_t, int64_t a0, int64_t a1,
+                       int64_t a_total, float* best_abs, int32_t* best_idx) {
+  __m512 bestv[R];
+  __m512i besti[R];
+  for (int r = 0; r < R; ++r) { bestv[r] = _mm512_set1_ps(-1.0f); besti[r] = _mm512_setzero_si512(); }
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t a = a0;
+  for (; a + 16 <= a1; a += 16) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const float* col = atoms_t + a;
+    for (int64_t j = 0; j < d; ++j, col += a_total) {
+      const __m512 c = _mm512_loadu_ps(col);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(res[r * d + j]), c, acc[r]);
+    }
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_and_ps(acc[r], absmask);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bestv[r], _CMP_GT_OQ);
+      bestv[r] = _mm512_mask_mov_ps(bestv[r], gt, v);
+      besti[r] = _mm512_mask_mov_epi32(besti[r], gt, ids);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float bv[16];
+    alignas(64) int32_t bi[16];
+    _mm512_store_ps(bv, bestv[r]);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
+    for (int l = 0; l < 16; ++l) {  // lowest index among equal maxima, as a scan would find
+      if (bv[l] > best_abs[r] || (bv[l] == best_abs[r] && bi[l] < best_idx[r])) {
+        best_abs[r] = bv[l];
+        best_idx[r] = bi[l];
+      }
+    }
+  }
+  for (; a < a1; ++a) {  // tail of the range
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < d; ++j) acc += res[r * d + j] * atoms_t[j * a_total + a];
+      const float v = std::fabs(acc);
+      if (v > best_abs[r]) { best_abs[r] = v; best_idx[r] = static_cast<int32_t>(a); }
+    }
+  }
+}
+
+template <int... Rs>
+void dispatch_rows(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
+                   const float* atoms_t, int64_t a0, int64_t a1, int64_t a_total, float* best_abs,
+                   int32_t* best_idx) {
+  ((rows == Rs + 1 ? best_atoms_avx512<Rs + 1>(res, d, atoms_t, a0, a1, a_total, best_abs, best_idx)
+                   : void()), ...);
+}
+#endif
+
+void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t, int64_t a0,
+                int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
+  for (int64_t r = 0; r < rows; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
+#if defined(__AVX512F__)
+  dispatch_rows(std::make_integer_sequence<int, kRows>{}, rows, res, d, atoms_t, a0, a1, a_total,
+                best_abs, best_idx);
+#else
+  for (int64_t a = a0; a < a1; ++a) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float acc = 0.0f;
+      for (int64_t j = 0; j < d; ++j) acc += res[r * d + j] * atoms_t[j * a_total + a];
+      const float v = std::fabs(acc);
+      if (v > best_abs[r]) { best_abs[r] = v; best_idx[r] = static_cast<int32_t>(a); }
+    }
+  }
+#endif
+}
+
+// Solve (G + ridge I) c = b for the first entry of c; G is n x n (row stride ld), Cholesky.
+float first_of_solve(const float* g, int64_t ld, const float* b, int64_t n, float ridge) {
+  double l[kMaxAtoms * kMaxAtoms];
+  double y[kMaxAtoms];
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j <= i; ++j) {
+      double sum = g[i * ld + j] + (i == j ? ridge : 0.0f);
+      for (int64_t k = 0; k < j; ++k) sum -= l[i * n + k] * l[j * n + k];
+      if (i == j) {
+        l[i * n + i] = std::sqrt(std::max(sum, 1e-30));
+      } else {
+        l[i * n + j] = sum / l[j * n + j];
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {  // L y = b
+    double sum = b[i];
+    for (int64_t k = 0; k < i; ++k) sum -= l[i * n + k] * y[k];
+    y[i] = sum / l[i * n + i];
+  }
+  double x[kMaxAtoms];
+  for (int64_t i = n - 1; i >= 0; --i) {  // L^T x = y
+    double sum = y[i];
+    for (int64_t k = i + 1; k < n; ++k) sum -= l[k * n + i] * x[k];
+    x[i] = sum / l[i * n + i];
+  }
+  return static_cast<float>(x[0]);
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
+}  // namespace
+
+// encode_store: OMP-code x [N, H, D] (keys after RoPE when undo_rope: rotated back first with
+// positions [N]), quantise inside the pursuit as the reference does, pack each code into
+// kv_cache [NB, H, BS, C] at slots [N] and the format's byte offset. Returns the relative
+// reconstruction error [N, H] (from the final residual).
+at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
+                        const at::Tensor& rope_cos, const at::Tensor& rope_sin,
+                        const at::Tensor& atoms_in, const at::Tensor& atoms_t_in,
+                        const at::Tensor& ladder_in, at::Tensor& kv_cache,
+                        const at::Tensor& slots_in, c10::IntArrayRef fmt_list, bool undo) {
+  const Format f = format_of(fmt_list);
+  TORCH_CHECK(x_in.dim() == 3, "x must be [N, H, D]");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.dim() == 4 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous uint8 [NB, H, BS, C] tensor");
+  const int64_t n = x_in.size(0), h = x_in.size(1), d = x_in.size(2);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor atoms = atoms_in.to(at::kFloat).contiguous();
+  const at::Tensor atoms_t = atoms_t_in.to(at::kFloat).contiguous();
+  const at::Tensor slots = slots_in.to(at::kLong).contiguous();
+  const at::Tensor pos = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(atoms.dim() == 2 && atoms.size(1) == d, "atoms must be [A, D]");
+  const int64_t a_total = atoms.size(0);
+  TORCH_CHECK(atoms_t.size(0) == d && atoms_t.size(1) == a_total, "atoms_t must be [D, A]");
+  TORCH_CHECK(slots.numel() == n && pos.numel() == n, "slots and positions must be [N]");
+  TORCH_CHECK(kv_cache.size(1) == h, "kv_cache heads differ from x's");
+  TORCH_CHECK(f.offset + f.bytes <= kv_cache.size(3), "code does not fit in the slot");
+  TORCH_CHECK((int64_t(1) << f.index_bits) >= a_total, "index field too narrow for the atoms");
+  const at::Tensor ladder = ladder_in.numel() ? ladder_in.to(at::kFloat).contiguous() : ladder_in;
+  TORCH_CHECK(f.kind != 2 || (ladder.dim() == 2 && ladder.size(0) >= f.atoms && f.octaves > 0), "logB needs its [S, M] ladder table and octaves");
+  const int64_t m = f.kind == 2 ? ladder.size(1) : 0;
+  const float* lad = f.kind == 2 ? ladder.data_ptr<float>() : nullptr;
+  at::Tensor cos, sin;
+  if (undo) {
+    cos = rope_cos.to(at::kFloat).contiguous();
+    sin = rope_sin.to(at::kFloat).contiguous();
+    TORCH_CHECK(cos.size(1) == d && sin.sizes() == cos.sizes(), "rope tables must be [P, D]");
+    if (n) TORCH_CHECK(pos.max().item<int64_t>() < cos.size(0), "position beyond the RoPE table");
+  }
+
+  const int64_t rows = n * h, s_n = f.atoms;
+  std::vector<float> x0(rows * d), res(rows * d), basis(rows * s_n * d);
+  std::vector<int32_t> picks(rows * s_n);
+  const float* xp = x.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* src = xp + r * d;
+      if (undo) {
+        const int64_t p = pp[r / h];
+        rope(src, cos.data_ptr<float>() + p * d, sin.data_ptr<float>() + p * d, d, -1.0f, &x0[r * d]);
+      } else {
+        std::copy(src, src + d, &x0[r * d]);
+      }
+      std::copy(&x0[r * d], &x0[r * d] + d, &res[r * d]);
+    }
+  });
+
+  // Picks: the blocks of rows and, when there are few, atom ranges run in parallel.
+  const float* at = atoms_t.data_ptr<float>();
+  const float* ar = atoms.data_ptr<float>();
+  const int64_t blocks = (rows + kRows - 1) / kRows;
+  const int64_t threads = at::get_num_threads();
+  const int64_t splits = blocks >= threads ? 1 : std::min<int64_t>((threads + blocks - 1) / blocks, a_total / 512 + 1);
+  const int64_t span = ((a_total + splits - 1) / splits + 15) / 16 * 16;
+  std::vector<float> part_abs(splits * rows);
+  std::vector<int32_t> part_idx(splits * rows);
+  for (int64_t k = 0; k < s_n; ++k) {
+    at::parallel_for(0, blocks * splits, 1, [&](int64_t w0, int64_t w1) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t b = w / splits, sp = w % splits;
+        const int64_t r0 = b * kRows, nr = std::min<int64_t>(kRows, rows - r0);
+        const int64_t a0 = std::min(a_total, sp * span), a1 = std::min(a_total, a0 + span);
+        best_atoms(&res[r0 * d], nr, d, at, a0, a1, a_total, &part_abs[sp * rows + r0], &part_idx[sp * rows + r0]);
+      }
+    });
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        float bv = -1.0f;
+        int32_t bi = 0;
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          if (part_abs[sp * rows + r] > bv) { bv = part_abs[sp * rows + r]; bi = part_idx[sp * rows + r]; }
+        }
+        picks[r * s_n + k] = bi;
+        // Gram-Schmidt: the least-squares residual of x on the picked atoms, incrementally.
+        float* q = &basis[(r * s_n + k) * d];
+        const float* atom = ar + int64_t(bi) * d;
+        std::copy(atom, atom + d, q);
+        for (int64_t i = 0; i < k; ++i) {
+          const float* qi = &basis[(r * s_n + i) * d];
+          const float c = dot(qi, atom, d);
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) q[j] -= c * qi[j];
+        }
+        const float norm = std::sqrt(dot(q, q, d));
+        if (norm < 1e-6f) {  // a re-picked (or parallel) atom adds nothing
+          std::fill(q, q + d, 0.0f);
+          continue;
+        }
+        for (int64_t j = 0; j < d; ++j) q[j] /= norm;
+        float* rr = &res[r * d];
+        const float c = dot(q, rr, d);
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) rr[j] -= c * q[j];
+      }
+    });
+  }
+
+  // Quantised coefficients with sequential error feedback (as the reference OMP): atom k is
+  // quantised from the least-squares fit of the remaining target on atoms k..S-1.
+  at::Tensor err = at::empty({n, h}, x.options());
+  float* errp = err.data_ptr<float>();
+  uint8_t* cache = kv_cache.data_ptr<uint8_t>();
+  const int64_t bs = kv_cache.size(2), cbytes = kv_cache.size(3);
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const float ridge = 1e-6f;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> gram(s_n * s_n), rhs(s_n), target(d);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* idx = &picks[r * s_n];
+      for (int64_t i = 0; i < s_n; ++i)
+        for (int64_t j = 0; j <= i; ++j)
+          gram[i * s_n + j] = gram[j * s_n + i] = dot(ar + int64_t(idx[i]) * d, ar + int64_t(idx[j]) * d, d);
+      std::copy(&x0[r * d], &x0[r * d] + d, target.begin());
+      uint8_t buf[kMaxCodeBytes + 8];
+      std::memset(buf, 0, sizeof(buf));
+      for (int64_t k = 0; k < s_n; ++k) {
+        for (int64_t i = k; i < s_n; ++i) rhs[i] = dot(ar + int64_t(idx[i]) * d, target.data(), d);
+        const float free = first_of_solve(&gram[k * s_n + k], s_n, &rhs[k], s_n - k, ridge);
+        uint32_t code = 0;
+        const float c = quantize(f, free, k, lad, m, code);
+        write_field(buf, k * f.coef_bits, f.coef_bits, code);
+        write_field(buf, s_n * f.coef_bits + k * f.index_bits, f.index_bits, static_cast<uint32_t>(idx[k]));
+        const float* atom = ar + int64_t(idx[k]) * d;
+#pragma omp simd
+        for (int64_t j = 0; j < d; ++j) target[j] -= c * atom[j];
+      }
+      const float xn = std::sqrt(dot(&x0[r * d], &x0[r * d], d));
+      errp[r] = std::sqrt(dot(target.data(), target.data(), d)) / std::max(xn, 1e-12f);
+      const int64_t slot = sp[r / h], head = r % h;
+      TORCH_CHECK(slot >= 0 && slot / bs < kv_cache.size(0), "slot outside the KV cache");
+      uint8_t* dst = cache + (((slot / bs) * h + head) * bs + slot % bs) * cbytes + f.offset;
+      std::memcpy(dst, buf, f.bytes);
+    }
+  });
+  return err;
+}
+
+// decode_dense: K and V of the first counts[r] slots of blocks[r] (positions pos0[r] + offset)
+// into out_k / out_v [R * BS, H, D] at row r * BS + offset; keys rotated forward (pre-RoPE
+// dictionaries) so they read as vLLM's post-RoPE keys.
+void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const at::Tensor& counts_in,
+                  const at::Tensor& pos0_in, c10::IntArrayRef key_fmt, c10::IntArrayRef value_fmt,
+                  const at::Tensor& key_atoms_in, const at::Tensor& key_ladder_in,
+                  const at::Tensor& value_atoms_in, const at::Tensor& value_ladder_in,
+                  const at::Tensor& rope_cos, const at::Tensor& rope_sin, bool apply,
+                  at::Tensor& out_k, at::Tensor& out_v) {
+  const Format fk = format_of(key_fmt), fv = format_of(value_fmt);
+  const at::Tensor blocks = blocks_in.to(at::kLong).contiguous();
+  const at::Tensor counts = counts_in.to(at::kLong).contiguous();
+  const at::Tensor pos0 = pos0_in.to(at::kLong).contiguous();
+  const at::Tensor ka = key_atoms_in.to(at::kFloat).contiguous(), va = value_atoms_in.to(at::kFloat).contiguous();
+  const at::Tensor kl = key_ladder_in.numel() ? key_ladder_in.to(at::kFloat).contiguous() : key_ladder_in;
+  const at::Tensor vl = value_ladder_in.numel() ? value_ladder_in.to(at::kFloat).contiguous() : value_ladder_in;
+  TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.is_contiguous(), "kv_cache must be contiguous uint8");
+  TORCH_CHECK(out_k.is_contiguous() && out_v.is_contiguous() && out_k.sizes() == out_v.sizes(), "outputs must be contiguous [R*BS, H, D]");
+  const int64_t h = kv_cache.size(1), bs = kv_cache.size(2), cb = kv_cache.size(3), d = ka.size(1);
+  const int64_t r_n = blocks.numel();
+  TORCH_CHECK(out_k.size(0) >= r_n * bs && out_k.size(1) == h && out_k.size(2) == d, "outputs too small");
+  at::Tensor cos, sin;
+  if (apply) { cos = rope_cos.to(at::kFloat).contiguous(); sin = rope_sin.to(at::kFloat).contiguous(); }
+  const int64_t mk = fk.kind == 2 ? kl.size(1) : 0, mv = fv.kind == 2 ? vl.size(1) : 0;
+  const float* klp = fk.kind == 2 ? kl.data_ptr<float>() : nullptr;
+  const float* vlp = fv.kind == 2 ? vl.data_ptr<float>() : nullptr;
+  const uint8_t* cache = kv_cache.data_ptr<uint8_t>();
+  const bool bf16 = out_k.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(bf16 || out_k.scalar_type() == at::kFloat, "outputs must be bfloat16 or float32");
+  at::parallel_for(0, r_n * h, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> k(d), kr(d), v(d);
+    Code code;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t r = w / h, head = w % h;
+      const int64_t blk = blocks.data_ptr<int64_t>()[r];
+      const int64_t cnt = std::min(counts.data_ptr<int64_t>()[r], bs);
+      for (int64_t o = 0; o < cnt; ++o) {
+        const uint8_t* slot = cache + ((blk * h + head) * bs + o) * cb;
+        unpack(slot, fk, klp, mk, code);
+        rebuild(code, fk.atoms, ka.data_ptr<float>(), d, k.data());
+        const float* kk = k.data();
+        if (apply) {
+          const int64_t p = pos0.data_ptr<int64_t>()[r] + o;
+          TORCH_CHECK(p < cos.size(0), "position beyond the RoPE table");
+          rope(k.data(), cos.data_ptr<float>() + p * d, sin.data_ptr<float>() + p * d, d, 1.0f, kr.data());
+          kk = kr.data();
+        }
+        unpack(slot, fv, vlp, mv, code);
+        rebuild(code, fv.atoms, va.data_ptr<float>(), d, v.data());
+        const int64_t row = ((r * bs + o) * h + head) * d;
+        if (bf16) {
+          auto* ok = out_k.data_ptr<at::BFloat16>() + row;
+          auto* ov = out_v.data_ptr<at::BFloat16>() + row;
+          for (int64_t j = 0; j < d; ++j) { ok[j] = kk[j]; ov[j] = v[j]; }
+        } else {
+          std::copy(kk, kk + d, out_k.data_ptr<float>() + row);
+          std::copy(v.data(), v.data() + d, out_v.data_ptr<float>() + row);
+        }
+      }
+    }
+  });
+}
+
+namespace {
+// Tokens a work item of decode attention covers: long contexts are split so that both cores
+// work on one sequence (partials merged by their log-sum-exp).
+constexpr int64_t kSplitTokens = 512;
+constexpr int64_t kTile = 32;
+
+template <typename T>
+struct Rows {
+  const T* p;
+  int64_t stride;  // elements between rows
+};
+}  // namespace
+
+// Everything one work item of decode attention reads, as raw pointers.
+struct AttnArgs {
+  Format fk, fv;
+  const float *q, *ka, *va, *klp, *vlp, *cos, *sin;
+  int64_t mk, mv, h, g, d, bs, cb, hq, wlen, table_cols;
+  const uint8_t* cache;
+  const int64_t *tab, *lens, *rows, *widx;
+  const at::Tensor *own_k, *own_v, *win;
+  bool apply;
+  float scale;
+};
+
+#if defined(__AVX512F__)
+// exp(x) for x <= 0 (softmax weights): 2^(x log2 e) as 2^i * p(f), p a degree-6 polynomial
+// (relative error ~2e-7, below the bf16 output's rounding).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, i);  // [-0.5, 0.5]
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, i);
+}
+
+template <int D>
+struct VecD {
+  static constexpr int U = D / 16;
+  __m512 v[U];
+};
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <int D, typename T>
+inline void rebuild_v(const Code& code, int64_t atoms_n, const T* atoms, VecD<D>& out) {
+  for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < atoms_n; ++s) {
+    const __m512 c = _mm512_set1_ps(code.coef[s]);
+    const T* a = atoms + int64_t(code.idx[s]) * D;
+    for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = _mm512_fmadd_ps(c, load16(a + 16 * u), out.v[u]);
+  }
+}
+
+template <int D>
+inline void rope_v(VecD<D>& x, const float* cos, const float* sin) {
+  constexpr int H2 = VecD<D>::U / 2;
+  for (int u = 0; u < H2; ++u) {
+    const __m512 lo = x.v[u], hi = x.v[u + H2];
+    x.v[u] = _mm512_fnmadd_ps(hi, _mm512_loadu_ps(sin + 16 * u), _mm512_mul_ps(lo, _mm512_loadu_ps(cos + 16 * u)));
+    x.v[u + H2] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(sin + 16 * (u + H2)), _mm512_mul_ps(hi, _mm512_loadu_ps(cos + 16 * (u + H2))));
+  }
+}
+
+template <int D>
+inline void load_v(const float* src, VecD<D>& x) {
+  for (int u = 0; u < VecD<D>::U; ++u) x.v[u] = _mm512_loadu_ps(src + 16 * u);
+}
+
+// One work item: request i, KV head `head`, tokens [t0, t1); partial softmax state out.
+template <int D, typename T>
+void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t head, int64_t t0, int64_t t1, float* m,
+                 float* l, float* acc) {
+  constexpr int64_t kT = 32;
+  const int64_t g = A.g, h = A.h, bs = A.bs;
+  const int64_t t = A.lens[i], row = A.rows[i];
+  const int64_t wstart = t - 1 - A.wlen;
+  alignas(64) float qs[16 * D];
+  alignas(64) float ebuf[D];
+  alignas(64) float scores[16 * kT];
+  for (int64_t x = 0; x < g * D; ++x) qs[x] = A.q[(row * A.hq + head * g) * D + x] * A.scale;
+  for (int64_t y = 0; y < g; ++y) { m[y] = -INFINITY; l[y] = 0.0f; }
+  std::fill(acc, acc + g * D, 0.0f);
+  Code code;
+  auto exact = [&](int64_t p, int which) -> const float* {
+    if (p == t - 1) {
+      load_row(which ? *A.own_v : *A.own_k, row * h + head, D, ebuf);
+      return ebuf;
+    }
+    const int64_t wi = p - wstart;
+    if (A.wlen && wi >= 0 && wi < A.wlen) {
+      const int64_t e = A.widx[i * A.wlen + wi];
+      if (e >= 0) {
+        load_row(*A.win, ((((e / bs) * h + head) * bs + e % bs) * 2) + which, D, ebuf);
+        return ebuf;
+      }
+    }
+    return nullptr;
+  };
+  const int64_t* trow = A.tab + i * A.table_cols;
+  auto slot_of = [&](int64_t p) { return A.cache + ((trow[p / bs] * h + head) * bs + p % bs) * A.cb; };
+  VecD<D> k, v;
+  for (int64_t p0 = t0; p0 < t1; p0 += kT) {
+    const int64_t tn = std::min(kT, t1 - p0);
+    for (int64_t x = 0; x < tn; ++x) {
+      const int64_t p = p0 + x;
+      if (const float* e = exact(p, 0)) {
+        load_v<D>(e, k);
+      } else {
+        unpack(slot_of(p), A.fk, A.klp, A.mk, code);
+        rebuild_v<D>(code, A.fk.atoms, ka, k);
+        if (A.apply) rope_v<D>(k, A.cos + p * D, A.sin + p * D);
+      }
+      for (int64_t y = 0; y < g; ++y) {
+        __m512 s = _mm512_mul_ps(k.v[0], _mm512_load_ps(qs + y * D));
+        for (int u = 1; u < VecD<D>::U; ++u) s = _mm512_fmadd_ps(k.v[u], _mm512_load_ps(qs + y * D + 16 * u), s);
+        scores[y * kT + x] = _mm512_reduce_add_ps(s);
+      }
+    }
+    for (int64_t y = 0; y < g; ++y) {
+      float* sc = scores + y * kT;
+      for (int64_t x = tn; x < kT; ++x) sc[x] = -INFINITY;
+      const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
+      const float mx = std::max(m[y], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+      const __m512 mxv = _mm512_set1_ps(mx);
+      const __m512 e0 = exp_ps(_mm512_sub_ps(s0, mxv)), e1 = exp_ps(_mm512_sub_ps(s1, mxv));
+      _mm512_storeu_ps(sc, e0);
+      _mm512_storeu_ps(sc + 16, e1);
+      const float corr = m[y] == -INFINITY ? 0.0f : std::exp(m[y] - mx);
+      l[y] = l[y] * corr + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+      if (corr != 1.0f) {
+        const __m512 cv = _mm512_set1_ps(corr);
+        for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(acc + y * D + 16 * u, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + y * D + 16 * u)));
+      }
+      m[y] = mx;
+    }
+    for (int64_t x = 0; x < tn; ++x) {
+      const int64_t p = p0 + x;
+      if (const float* e = exact(p, 1)) {
+        load_v<D>(e, v);
+      } else {
+        unpack(slot_of(p), A.fv, A.vlp, A.mv, code);
+        rebuild_v<D>(code, A.fv.atoms, va, v);
+      }
+      for (int64_t y = 0; y < g; ++y) {
+        const __m512 e = _mm512_set1_ps(scores[y * kT + x]);
+        float* a = acc + y * D;
+        for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
+      }
+    }
+  }
+}
+#endif
+
+// decode_attention: one decode query per request i (row rows[i] of query [N, Hq, D]) over its
+// seq_lens[i] tokens: token t-1 exact from own_k/own_v [N, H, D] (row rows[i]); tokens whose
+// window index win_index[i, w] >= 0 (position t-1-W+w) exact from the window store
+// [cap, H, BS, 2, D] (index = pool slot * BS + offset); every other token from its code in the
+// pages (block_table [B, M]). Writes output [N, Hq, D] rows rows[i].
+void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
+                      const at::Tensor& block_table_in, const at::Tensor& seq_lens_in,
+                      const at::Tensor& rows_in, c10::IntArrayRef key_fmt,
+                      c10::IntArrayRef value_fmt, const at::Tensor& key_atoms_in,
+                      const at::Tensor& key_ladder_in, const at::Tensor& value_atoms_in,
+                      const at::Tensor& value_ladder_in, const at::Tensor& rope_cos,
+                      const at::Tensor& rope_sin, bool apply, const at::Tensor& win_store_in,
+                      const at::Tensor& win_index_in, const at::Tensor& own_k_in,
+                      const at::Tensor& own_v_in, double scale, at::Tensor& output) {
+  const Format fk = format_of(key_fmt), fv = format_of(value_fmt);
+  const at::Tensor q = query_in.to(at::kFloat).contiguous();
+  const at::Tensor table = block_table_in.to(at::kLong).contiguous();
+  const at::Tensor lens = seq_lens_in.to(at::kLong).contiguous();
+  const at::Tensor rows = rows_in.to(at::kLong).contiguous();
+  const at::Tensor ka = key_atoms_in.to(at::kFloat).contiguous(), va = value_atoms_in.to(at::kFloat).contiguous();
+  const at::Tensor kl = key_ladder_in.numel() ? key_ladder_in.to(at::kFloat).contiguous() : key_ladder_in;
+  const at::Tensor vl = value_ladder_in.numel() ? value_ladder_in.to(at::kFloat).contiguous() : value_ladder_in;
+  const at::Tensor own_k = own_k_in.contiguous(), own_v = own_v_in.contiguous();
+  const at::Tensor& win = win_store_in;
+  check_float_like(own_k, "own_k");
+  check_float_like(own_v, "own_v");
+  check_float_like(win, "win_store");
+  const at::Tensor widx = win_index_in.to(at::kLong).contiguous();
+  TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.is_contiguous(), "kv_cache must be contiguous uint8");
+  TORCH_CHECK(output.is_contiguous(), "output must be contiguous");
+  const int64_t b_n = rows.numel(), h = kv_cache.size(1), bs = kv_cache.size(2), cb = kv_cache.size(3);
+  const int64_t hq = q.size(1), d = q.size(2), g = hq / h;
+  TORCH_CHECK(hq % h == 0 && ka.size(1) == d && va.size(1) == d, "head shapes disagree");
+  TORCH_CHECK(g <= 16, "at most 16 query heads per KV head");
+  const int64_t wlen = widx.dim() == 2 ? widx.size(1) : 0;
+  TORCH_CHECK(wlen == 0 || win.numel(), "window indices without a window store");
+  at::Tensor cos, sin;
+  if (apply) { cos = rope_cos.to(at::kFloat).contiguous(); sin = rope_sin.to(at::kFloat).contiguous(); }
+  const int64_t mk = fk.kind == 2 ? kl.size(1) : 0, mv = fv.kind == 2 ? vl.size(1) : 0;
+  const float* klp = fk.kind == 2 ? kl.data_ptr<float>() : nullptr;
+  const float* vlp = fv.kind == 2 ? vl.data_ptr<float>() : nullptr;
+
+  // Work items (request, KV head, split); partial (max, sum, acc[G, D]) per item.
+  std::vector<int64_t> first(b_n + 1, 0);
+  for (int64_t i = 0; i < b_n; ++i) {
+    const int64_t t = lens.data_ptr<int64_t>()[i];
+    TORCH_CHECK(t >= 1, "a decode request has at least its own token");
+    TORCH_CHECK((t + bs - 1) / bs <= table.size(1), "block table too short for the sequence");
+    first[i + 1] = first[i] + (t + kSplitTokens - 1) / kSplitTokens;
+  }
+  const int64_t splits = first[b_n];
+  std::vector<float> part_m(splits * h * g), part_l(splits * h * g), part_acc(splits * h * g * d);
+  const uint8_t* cache = kv_cache.data_ptr<uint8_t>();
+  const int64_t* tab = table.data_ptr<int64_t>();
+  const float sc = static_cast<float>(scale);
+
+  AttnArgs args{fk, fv, q.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(), klp, vlp,
+                apply ? cos.data_ptr<float>() : nullptr, apply ? sin.data_ptr<float>() : nullptr,
+                mk, mv, h, g, d, bs, cb, hq, wlen, table.size(1), cache, tab,
+                lens.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
+                wlen ? widx.data_ptr<int64_t>() : nullptr, &own_k, &own_v, &win, apply,
+                static_cast<float>(scale)};
+  (void)args;
+#if defined(__AVX512F__)
+  const bool fast = d == 64 || d == 128 || d == 256;
+  const bool bf16_atoms = key_atoms_in.scalar_type() == at::kBFloat16 &&
+                          value_atoms_in.scalar_type() == at::kBFloat16 &&
+                          key_atoms_in.is_contiguous() && value_atoms_in.is_contiguous();
+#else
+  const bool fast = false;
+#endif
+  at::parallel_for(0, splits * h, 1, [&](int64_t w0, int64_t w1) {
+#if defined(__AVX512F__)
+    if (fast) {
+      for (int64_t w = w0; w < w1; ++w) {
+        const int64_t sidx = w / h, head = w % h;
+        const int64_t i = std::upper_bound(first.begin(), first.end(), sidx) - first.begin() - 1;
+        const int64_t t = args.lens[i];
+        const int64_t t0 = (sidx - first[i]) * kSplitTokens, t1 = std::min(t, t0 + kSplitTokens);
+        float* m = &part_m[w * g];
+        float* l = &part_l[w * g];
+        float* acc = &part_acc[w * g * d];
+        if (bf16_atoms) {
+          const auto* kb = key_atoms_in.data_ptr<c10::BFloat16>();
+          const auto* vb = value_atoms_in.data_ptr<c10::BFloat16>();
+          if (d == 64) attend_item<64>(args, kb, vb, i, head, t0, t1, m, l, acc);
+          else if (d == 128) attend_item<128>(args, kb, vb, i, head, t0, t1, m, l, acc);
+          else attend_item<256>(args, kb, vb, i, head, t0, t1, m, l, acc);
+        } else {
+          if (d == 64) attend_item<64>(args, args.ka, args.va, i, head, t0, t1, m, l, acc);
+          else if (d == 128) attend_item<128>(args, args.ka, args.va, i, head, t0, t1, m, l, acc);
+          else attend_item<256>(args, args.ka, args.va, i, head, t0, t1, m, l, acc);
+        }
+      }
+      return;
+    }
+#endif
+    std::vector<float> kbuf(d), kr(d), vbuf(d), ebuf(d), qs(g * d), scores(g * kTile);
+    Code code;
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t sidx = w / h, head = w % h;
+      const int64_t i = std::upper_bound(first.begin(), first.end(), sidx) - first.begin() - 1;
+      const int64_t t = lens.data_ptr<int64_t>()[i], row = rows.data_ptr<int64_t>()[i];
+      const int64_t t0 = (sidx - first[i]) * kSplitTokens, t1 = std::min(t, t0 + kSplitTokens);
+      const int64_t wstart = t - 1 - wlen;  // window position of win_index[i, 0]
+      for (int64_t x = 0; x < g * d; ++x) qs[x] = q.data_ptr<float>()[(row * hq + head * g) * d + x] * sc;
+      float* m = &part_m[w * g];
+      float* l = &part_l[w * g];
+      float* acc = &part_acc[w * g * d];
+      for (int64_t x = 0; x < g; ++x) { m[x] = -INFINITY; l[x] = 0.0f; }
+      std::fill(acc, acc + g * d, 0.0f);
+      // K or V of token p, fp32: exact where the step or the window holds it, else decoded.
+      auto exact = [&](int64_t p, int which) -> const float* {
+        if (p == t - 1) {
+          load_row(which ? own_v : own_k, row * h + head, d, ebuf.data());
+          return ebuf.data();
+        }
+        const int64_t wi = p - wstart;
+        if (wlen && wi >= 0 && wi < wlen) {
+          const int64_t e = widx.data_ptr<int64_t>()[i * wlen + wi];
+          if (e >= 0) {
+            const int64_t gslot = e / bs, off = e % bs;
+            load_row(win, (((gslot * h + head) * bs + off) * 2) + which, d, ebuf.data());
+            return ebuf.data();
+          }
+        }
+        return nullptr;
+      };
+      auto slot_of = [&](int64_t p) {
+        return cache + ((tab[i * table.size(1) + p / bs] * h + head) * bs + p % bs) * cb;
+      };
+      for (int64_t p0 = t0; p0 < t1; p0 += kTile) {
+        const int64_t tn = std::min(kTile, t1 - p0);
+        for (int64_t x = 0; x < tn; ++x) {
+          const int64_t p = p0 + x;
+          const float* k = exact(p, 0);
+          if (!k) {
+            unpack(slot_of(p), fk, klp, mk, code);
+            rebuild(code, fk.atoms, ka.data_ptr<float>(), d, kbuf.data());
+            k = kbuf.data();
+            if (apply) {
+              rope(kbuf.data(), cos.data_ptr<float>() + p * d, sin.data_ptr<float>() + p * d, d, 1.0f, kr.data());
+              k = kr.data();
+            }
+          }
+          for (int64_t y = 0; y < g; ++y) scores[y * kTile + x] = dot(&qs[y * d], k, d);
+        }
+        for (int64_t y = 0; y < g; ++y) {
+          float mx = m[y];
+          for (int64_t x = 0; x < tn; ++x) mx = std::max(mx, scores[y * kTile + x]);
+          const float corr = std::exp(m[y] - mx);
+          l[y] *= corr;
+          for (int64_t j = 0; j < d; ++j) acc[y * d + j] *= corr;
+          for (int64_t x = 0; x < tn; ++x) {
+            const float e = std::exp(scores[y * kTile + x] - mx);
+            scores[y * kTile + x] = e;
+            l[y] += e;
+          }
+          m[y] = mx;
+        }
+        for (int64_t x = 0; x < tn; ++x) {
+          const int64_t p = p0 + x;
+          const float* v = exact(p, 1);
+          if (!v) {
+            unpack(slot_of(p), fv, vlp, mv, code);
+            rebuild(code, fv.atoms, va.data_ptr<float>(), d, vbuf.data());
+            v = vbuf.data();
+          }
+          for (int64_t y = 0; y < g; ++y) {
+            const float e = scores[y * kTile + x];
+            float* a = &acc[y * d];
+#pragma omp simd
+            for (int64_t j = 0; j < d; ++j) a[j] += e * v[j];
+          }
+        }
+      }
+    }
+  });
+
+  // Merge the splits of each (request, KV head) and write the rows.
+  at::parallel_for(0, b_n * h, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> out(d);
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t i = w / h, head = w % h, row = rows.data_ptr<int64_t>()[i];
+      for (int64_t y = 0; y < g; ++y) {
+        float mx = -INFINITY;
+        for (int64_t s = first[i]; s < first[i + 1]; ++s) mx = std::max(mx, part_m[(s * h + head) * g + y]);
+        float total = 0.0f;
+        std::fill(out.begin(), out.end(), 0.0f);
+        for (int64_t s = first[i]; s < first[i + 1]; ++s) {
+          const int64_t it = (s * h + head) * g + y;
+          const float c = std::exp(part_m[it] - mx);
+          total += c * part_l[it];
+          for (int64_t j = 0; j < d; ++j) out[j] += c * part_acc[it * d + j];
+        }
+        const int64_t dst = (row * hq + head * g + y) * d;
+        if (output.scalar_type() == at::kBFloat16) {
+          auto* o = output.data_ptr<at::BFloat16>() + dst;
+          for (int64_t j = 0; j < d; ++j) o[j] = out[j] / total;
+        } else if (output.scalar_type() == at::kHalf) {
+          auto* o = output.data_ptr<at::Half>() + dst;
+          for (int64_t j = 0; j < d; ++j) o[j] = out[j] / total;
+        } else {
+          float* o = output.data_ptr<float>() + dst;
+          for (int64_t j = 0; j < d; ++j) o[j] = out[j] / total;
+        }
+      }
+    }
+  });
+}
+
+TORCH_LIBRARY(csr_cpu, m) {
+  m.def("encode_store(Tensor x, Tensor positions, Tensor rope_cos, Tensor rope_sin, Tensor atoms, "
+        "Tensor atoms_t, Tensor ladder, Tensor(a!) kv_cache, Tensor slots, int[] fmt, "
+        "bool undo_rope) -> Tensor");
+  m.def("decode_dense(Tensor kv_cache, Tensor blocks, Tensor counts, Tensor pos0, int[] key_fmt, "
+        "int[] value_fmt, Tensor key_atoms, Tensor key_ladder, Tensor value_atoms, "
+        "Tensor value_ladder, Tensor rope_cos, Tensor rope_sin, bool apply_rope, "
+        "Tensor(a!) out_k, Tensor(b!) out_v) -> ()");
+  m.def("decode_attention(Tensor query, Tensor kv_cache, Tensor block_table, Tensor seq_lens, "
+        "Tensor rows, int[] key_fmt, int[] value_fmt, Tensor key_atoms, Tensor key_ladder, "
+        "Tensor value_atoms, Tensor value_ladder, Tensor rope_cos, Tensor rope_sin, "
+        "bool apply_rope, Tensor win_store, Tensor win_index, Tensor own_k, Tensor own_v, "
+        "float scale, Tensor(a!) output) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(csr_cpu, CPU, m) {
+  m.impl("encode_store", &encode_store);
+  m.impl("decode_dense", &decode_dense);
+  m.impl("decode_attention", &decode_attention);
+}
+
+}  // namespace csr

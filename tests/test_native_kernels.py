@@ -1,0 +1,208 @@
+"""The native CPU kernels (csr_vllm/native) against the PyTorch reference codec.
+
+Random dictionaries and vectors at head_dim 64 and 128, every coefficient format the kernels
+take, pre- and post-RoPE keys; decode attention against float64 attention over the
+reference's reconstruction, with the exact overrides (the step's own token, the dense window).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from csr_vllm import native
+from csr_vllm.codec.codec import SparseCode, TensorCodec
+from csr_vllm.codec.coefficients import ladder_tops
+from csr_vllm.codec.config import TensorCodecConfig
+from csr_vllm.codec.rope import apply_rope, rope_tables, undo_rope
+
+OPS = native.load()
+pytestmark = pytest.mark.skipif(OPS is None, reason=f"native kernels unavailable: {native.error()}")
+
+THETA = 10000.0
+
+
+def make_codec(gen, d: int, atoms: int, s: int, coef: str) -> TensorCodec:
+    cfg = TensorCodecConfig(atoms, 1, s, coef, "omp")
+    a = torch.randn(1, atoms, d, generator=gen)
+    a = a / a.norm(dim=-1, keepdim=True)
+    ladder = None
+    if cfg.coef_format.uses_ladder:
+        train = torch.randn(400, d, generator=gen) * torch.linspace(2, 0.2, d)
+        ladder = ladder_tops(train, a[0])[s - 1, :s][None]
+    return TensorCodec(cfg, a, ladder)
+
+
+def ladder_of(codec: TensorCodec) -> torch.Tensor:
+    table = codec.ladder_table()
+    return table[0] if table is not None else torch.empty(0)
+
+
+def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor | None,
+                  offset: int = 0, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, H, D] -> (slots [N, H, bytes] as stored, rel_err [N, H])."""
+    n, h, d = x.shape
+    cfg = codec.config
+    cache = torch.full((n, h, 1, offset + cfg.slot_bytes + extra), 0xA5, dtype=torch.uint8)
+    cos = sin = torch.empty(0)
+    if positions is not None:
+        cos, sin = rope_tables(d, THETA, torch.arange(int(positions.max()) + 1))
+    atoms = codec.atoms[0]
+    err = OPS.encode_store(x, positions if positions is not None else torch.zeros(n, dtype=torch.long),
+                           cos, sin, atoms, atoms.t().contiguous(), ladder_of(codec), cache,
+                           torch.arange(n), native.format_ints(cfg, offset), positions is not None)
+    return cache[:, :, 0], err
+
+
+@pytest.mark.parametrize("d,coef,s", [(64, "log5", 7), (64, "fp8", 6), (64, "fp16", 3),
+                                      (128, "log5", 14), (128, "log3", 9), (64, "log4", 4)])
+def test_encode_store_equals_the_reference_omp(gen, d, coef, s):
+    codec = make_codec(gen, d, 1024, s, coef)
+    x = torch.randn(40, 3, d, generator=gen) * torch.linspace(2, 0.2, d)
+    slots, err = encode_native(codec, x, None)
+    ref = codec.encode(x.reshape(-1, d))
+    got = codec.unpack(slots.reshape(-1, codec.config.slot_bytes))
+    same = (got.indices == ref.indices).all(-1).all(-1)
+    # Atom choices may differ only at near-ties (least squares by Gram-Schmidt, not LU).
+    assert same.float().mean() >= 0.97
+    assert torch.equal(got.coefs[same], ref.coefs[same])
+    assert torch.equal(codec.pack(ref)[same], slots.reshape(-1, codec.config.slot_bytes)[same])
+    rec = codec.decode(ref)
+    ref_err = (x.reshape(-1, d) - rec).norm(dim=-1) / x.reshape(-1, d).norm(dim=-1)
+    torch.testing.assert_close(err.reshape(-1)[same], ref_err[same], atol=1e-5, rtol=1e-4)
+
+
+def test_encode_store_undoes_rope_and_writes_only_its_bytes(gen):
+    d = 64
+    codec = make_codec(gen, d, 512, 5, "log5")
+    x = torch.randn(30, 2, d, generator=gen)
+    pos = torch.randint(0, 4000, (30,), generator=gen)
+    slots, _ = encode_native(codec, x.to(torch.bfloat16), pos, offset=3, extra=2)
+    cos, sin = rope_tables(d, THETA, pos)
+    pre = undo_rope(x.to(torch.bfloat16).float(), cos[:, None], sin[:, None])
+    ref = codec.pack(codec.encode(pre.reshape(-1, d))).reshape(30, 2, -1)
+    same = (slots[..., 3:3 + codec.config.slot_bytes] == ref).all(-1)
+    assert same.float().mean() >= 0.97
+    assert (slots[..., :3] == 0xA5).all() and (slots[..., -2:] == 0xA5).all()
+
+
+def test_encode_store_rejects_bad_input(gen):
+    codec = make_codec(gen, 64, 256, 3, "fp8")
+    cache = torch.zeros(4, 2, 1, 8, dtype=torch.uint8)
+    atoms = codec.atoms[0]
+    args = dict(positions=torch.zeros(4, dtype=torch.long), rope_cos=torch.empty(0),
+                rope_sin=torch.empty(0), atoms=atoms, atoms_t=atoms.t().contiguous(),
+                ladder=torch.empty(0), undo_rope=False)
+    with pytest.raises(RuntimeError, match="fit in the slot"):  # code wider than the slot
+        OPS.encode_store(torch.randn(4, 2, 64), kv_cache=cache, slots=torch.arange(4),
+                         fmt=native.format_ints(codec.config, 4), **args)
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        OPS.encode_store(torch.randn(4, 2, 64), kv_cache=cache, slots=torch.tensor([0, 1, 2, 9]),
+                         fmt=native.format_ints(codec.config, 0), **args)
+
+
+def random_pages(gen, kc: TensorCodec, vc: TensorCodec, blocks: int, h: int, bs: int):
+    """Pages [blocks, H, BS, Ck + Cv] of valid random codes."""
+    n = blocks * h * bs
+    parts = []
+    for c in (kc, vc):
+        s = c.config.atoms_per_chunk
+        idx = torch.randint(0, c.config.num_atoms, (n, 1, s), generator=gen)
+        vals = torch.randn(n, 1, s, generator=gen) * 0.5
+        coef = c.fmt.roundtrip(vals.reshape(n, -1), None, c._tops).reshape(n, 1, s)
+        parts.append(c.pack(SparseCode(idx, coef, None)))
+    return torch.cat(parts, 1).reshape(blocks, h, bs, -1).contiguous()
+
+
+def reference_kv(kc, vc, pages, phys, pos, pre_rope):
+    """Decoded K (post-RoPE), V [T, H, D] of physical slots [T] at positions [T]."""
+    bs = pages.shape[2]
+    sl = pages[phys // bs, :, phys % bs]
+    t, h, _ = sl.shape
+    kb = kc.config.slot_bytes
+    k = kc.decode(kc.unpack(sl[..., :kb].reshape(t * h, -1))).reshape(t, h, -1)
+    v = vc.decode(vc.unpack(sl[..., kb:].reshape(t * h, -1).contiguous())).reshape(t, h, -1)
+    if pre_rope:
+        cos, sin = rope_tables(k.shape[-1], THETA, pos)
+        k = apply_rope(k, cos[:, None], sin[:, None])
+    return k, v
+
+
+@pytest.mark.parametrize("d,pre_rope", [(64, True), (128, True), (64, False)])
+def test_decode_dense_equals_the_reference_decode(gen, d, pre_rope):
+    kc, vc = make_codec(gen, d, 512, 7, "log5"), make_codec(gen, d, 512, 5, "fp8")
+    h, bs = 3, 16
+    pages = random_pages(gen, kc, vc, 10, h, bs)
+    blocks, counts = torch.tensor([3, 7, 1]), torch.tensor([16, 16, 5])
+    pos0 = torch.tensor([0, 16, 32])
+    out_k = torch.full((3 * bs, h, d), 7.0)
+    out_v = out_k.clone()
+    cos, sin = rope_tables(d, THETA, torch.arange(64))
+    OPS.decode_dense(pages, blocks, counts, pos0, native.format_ints(kc.config, 0),
+                     native.format_ints(vc.config, kc.config.slot_bytes), kc.atoms[0],
+                     ladder_of(kc), vc.atoms[0], ladder_of(vc), cos, sin, pre_rope, out_k, out_v)
+    phys = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)
+    pos = (pos0[:, None] + torch.arange(bs)).reshape(-1)
+    rk, rv = reference_kv(kc, vc, pages, phys, pos, pre_rope)
+    written = (torch.arange(bs)[None] < counts[:, None]).reshape(-1)
+    torch.testing.assert_close(out_k[written], rk[written], atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(out_v[written], rv[written], atol=2e-6, rtol=1e-5)
+    assert (out_k[~written] == 7.0).all()  # slots past a block's count are not touched
+
+
+@pytest.mark.parametrize("d,g,pre_rope,atom_dtype", [
+    (64, 3, True, torch.float32), (64, 3, True, torch.bfloat16), (128, 6, True, torch.float32),
+    (64, 1, False, torch.float32), (128, 4, False, torch.bfloat16), (96, 2, True, torch.float32)])
+def test_decode_attention_equals_float64_attention(gen, d, g, pre_rope, atom_dtype):
+    kc, vc = make_codec(gen, d, 512, 7, "log5"), make_codec(gen, d, 512, 6, "fp8")
+    h, bs, nb = 2, 16, 80
+    pages = random_pages(gen, kc, vc, nb, h, bs)
+    lens = torch.tensor([1100, 17, 1, 600])  # 1100 and 600 span several splits
+    b = len(lens)
+    table = torch.stack([torch.randperm(nb, generator=gen)[:70] for _ in range(b)])
+    rows = torch.tensor([2, 0, 3, 1])  # requests' query rows, out of order
+    q = torch.randn(b, h * g, d, generator=gen).to(torch.bfloat16)
+    own_k, own_v = (torch.randn(b, h, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    w, cap = 8, 4
+    store = torch.randn(cap, h, bs, 2, d, generator=gen).to(torch.bfloat16)
+    win_index = torch.full((b, w), -1, dtype=torch.long)
+    win_index[0, 2], win_index[0, 7], win_index[1, 0], win_index[3, 5] = 19, 2 * bs + 9, 5, 50
+    out = torch.zeros(b, h * g, d, dtype=torch.float32)
+    cos, sin = rope_tables(d, THETA, torch.arange(2048))
+    scale = 1 / math.sqrt(d)
+    OPS.decode_attention(q, pages, table, lens, rows, native.format_ints(kc.config, 0),
+                         native.format_ints(vc.config, kc.config.slot_bytes),
+                         kc.atoms[0].to(atom_dtype), ladder_of(kc), vc.atoms[0].to(atom_dtype),
+                         ladder_of(vc), cos, sin, pre_rope, store, win_index, own_k, own_v, scale,
+                         out)
+    tol = 2e-3 if atom_dtype == torch.bfloat16 else 2e-5
+    for i in range(b):
+        t, row = int(lens[i]), int(rows[i])
+        pos = torch.arange(t)
+        k, v = reference_kv(kc, vc, pages, table[i, pos // bs] * bs + pos % bs, pos, pre_rope)
+        for j in range(w):
+            e, p = int(win_index[i, j]), t - 1 - w + j
+            if e >= 0 and p >= 0:
+                k[p], v[p] = store[e // bs, :, e % bs, 0].float(), store[e // bs, :, e % bs, 1].float()
+        k[t - 1], v[t - 1] = own_k[row].float(), own_v[row].float()
+        qq = q[row].double().reshape(h, g, d)
+        p = (torch.einsum("hgd,thd->hgt", qq, k.double()) * scale).softmax(-1)
+        want = torch.einsum("hgt,thd->hgd", p, v.double()).reshape(h * g, d)
+        torch.testing.assert_close(out[row].double(), want, atol=tol, rtol=tol)
+
+
+def test_a_failed_build_warns_once_and_falls_back():
+    code = ("import warnings, csr_vllm.native as n\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    assert n.load() is None and n.load() is None\n"
+            "print(len(w), n.error())\n")
+    env = dict(os.environ, CSR_VLLM_NATIVE_DISABLE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.startswith("1 ") and "CSR_VLLM_NATIVE_DISABLE" in out
