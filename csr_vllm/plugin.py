@@ -50,6 +50,7 @@ CSR_FLAGS: dict[str, str] = {
     "--csr-guard-max-seqs": "guard_max_seqs",
     "--csr-outlier-threshold": "outlier_threshold",
     "--csr-read-path": "read_path",
+    "--csr-kernels": "kernels",
     "--csr-adapt-atoms": "adapt_atoms",
 }
 
@@ -314,6 +315,9 @@ def add_csr_arguments(parser) -> None:
     g.add_argument("--csr-outlier-threshold", type=float, default=None,
                    help="keep vectors with relative reconstruction error above this exact")
     g.add_argument("--csr-read-path", choices=["auto", "reconstruct", "sparse"], default=None)
+    g.add_argument("--csr-kernels", choices=["native", "reference"], default=None,
+                   help="CPU kernels: native C++ (default, where built) or the PyTorch "
+                   "reference")
     g.add_argument("--csr-adapt-atoms", type=int, default=None,
                    help="atoms per KV block sampled from its own K/V (dictionary adaptation; "
                    "their bytes are added to every slot; default 0 = off)")

@@ -173,11 +173,16 @@ SCHEDULE = [  # (request -> new tokens) per step: chunked prefill, then mixed ba
 ]
 
 
+KERNELS = ["native", "reference"]  # CI runs both: the reference is the spec
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("key_rope", ["post", "pre"])
-def test_lossless_codec_matches_dense_attention(gen, sparse, key_rope):
+def test_lossless_codec_matches_dense_attention(gen, sparse, key_rope, kernels):
     dicts = identity_dictionary(SHAPE, key_rope=key_rope)
-    eng = Engine(dicts, CSRSettings(guard_window=0), gen)
+    eng = Engine(dicts, CSRSettings(guard_window=0, kernels=kernels), gen)
+    assert (eng.runtime.native is not None) == (kernels == "native")
     exact = lambda r, t, q: (eng.k[r].float(), eng.v[r].float())  # noqa: E731
     for chunks in SCHEDULE:
         out, query, ids, qlens = eng.step(chunks, sparse=sparse)
@@ -185,11 +190,13 @@ def test_lossless_codec_matches_dense_attention(gen, sparse, key_rope):
         torch.testing.assert_close(out.double(), want, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("window", [0, 16, 50])
-def test_real_codec_matches_reference_codec(gen, sparse, window):
+def test_real_codec_matches_reference_codec(gen, sparse, window, kernels):
     dicts = random_dictionary(gen)
-    eng = Engine(dicts, CSRSettings(guard_window=window, guard_max_seqs=8), gen)
+    eng = Engine(dicts, CSRSettings(guard_window=window, guard_max_seqs=8, kernels=kernels),
+                 gen)
     for chunks in SCHEDULE:
         out, query, ids, qlens = eng.step(chunks, sparse=sparse)
         want = eng.reference(ids, qlens, query, codec_view(eng, dicts, window))

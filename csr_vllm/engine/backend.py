@@ -84,6 +84,10 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
         self.runtime = CSRRuntime(dicts, settings, kv_cache_spec.block_size,
                                   vllm_config.model_config.dtype)
         _RUNTIMES.add(self.runtime)
+        if self.runtime.native_off:
+            logger.info("CSR kernels: the PyTorch reference (%s)", self.runtime.native_off)
+        else:
+            logger.info("CSR kernels: native CPU (csr_vllm.native)")
         side = self.runtime.side_bytes()
         logger.info(
             "CSR KV cache: %d bytes per (token, KV head) slot (bf16: %d), %.3f bits/channel "

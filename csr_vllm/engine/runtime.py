@@ -19,12 +19,13 @@ from csr_vllm.codec.adaptation import LocalAtoms, atom_limit, filled_atoms
 from csr_vllm.codec.codec import SparseCode, TensorCodec
 from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.guard import OutlierGuard, WindowGuard, WindowPlan, _ragged_arange
+from csr_vllm.engine.native_path import NativeKernels, why_not_native
 from csr_vllm.engine.page_layout import BlockAtoms, LayerCodec, SlotLayout, with_adaptation
 from csr_vllm.engine.settings import CSRSettings
 from csr_vllm.engine.sparse_attention import sparse_decode_attention
 
-# Context length from which ``auto`` sends decode rows to the sparse read path. Measured with
-# benchmarks/read_paths.py (csr-2b, pre-RoPE keys, batch 4, this CPU): sparse took 1.6-2.7x the
+# Context length from which ``auto`` sends decode rows to the reference's sparse read path
+# (the native kernels always take it). Measured with benchmarks/read_paths.py (csr-2b, pre-RoPE keys, batch 4, this CPU): sparse took 1.6-2.7x the
 # reconstruct path's time at 512-8192 tokens with fp8 codes, 1.8-2.3x with log5 in the latest
 # run (0.97x once, at 2048, within noise), so ``auto`` never picks it here. With pre-RoPE
 # keys the score side cannot share a q.D table across tokens (see sparse_attention.py); the
@@ -45,6 +46,10 @@ class StepPlan:
         window: the Guard's reads and writes; window_scratch: [Rw] scratch slot of each read.
         num_decodes: leading decode requests the sparse read path serves (0 = none).
         seq_lens, query_lens: [B]; table: [B, M] physical block table.
+        ref_counts: [R] leading slots of each referenced block that hold earlier context
+            (positions before the step's tokens): all the reconstruct path must decode.
+        window_index: [num_decodes, W] pool slot * BS + offset of the dense window copy of
+            each decode request's position t - 1 - W + w (-1: read its code); native path.
     """
 
     positions: Tensor
@@ -58,6 +63,8 @@ class StepPlan:
     seq_lens: Tensor
     query_lens: Tensor
     table: Tensor
+    ref_counts: Tensor
+    window_index: Tensor
 
 
 ENCODE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # seconds
@@ -108,6 +115,11 @@ class CSRRuntime:
                                   dicts.kv_heads, shape.head_dim, dtype)
         self.outliers: dict[tuple[int, str], OutlierGuard] = {}
         self.stats = RuntimeStats()
+        # The native CPU kernels where they implement this setting (else the reference).
+        self.native_off = why_not_native(dicts, settings)
+        self.native = None if self.native_off else NativeKernels(
+            self.codecs, self.layout.key_bytes, shape.head_dim, shape.rope_theta,
+            dicts.config.key_rope == "pre")
 
     # -- per step ----------------------------------------------------------------------------
     def plan(self, block_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor,
@@ -145,9 +157,26 @@ class CSRRuntime:
         wreq_blocks = table[window.read_req, window.read_pos // bs] if window.read_req.numel() \
             else torch.zeros(0, dtype=torch.long)
         window_scratch = self._to_scratch(wreq_blocks * bs + window.read_pos % bs, ref_blocks)
+        # Earlier context of each referenced block: slots below its requests' step start.
+        context = (ctx[:, None] - torch.arange(m)[None, :] * bs).clamp(0, bs)[used]
+        ref_counts = torch.zeros(len(ref_blocks), dtype=torch.long)
+        ref_counts.scatter_reduce_(0, inverse, context, reduce="amax", include_self=True)
+        nd = num_decodes if sparse_decodes else 0
         return StepPlan(positions, ref_blocks, ref_pos0, scratch_table.to(torch.int32),
-                        new_scratch, window, window_scratch,
-                        num_decodes if sparse_decodes else 0, seq_lens, query_lens, table)
+                        new_scratch, window, window_scratch, nd, seq_lens, query_lens, table,
+                        ref_counts, self._window_index(window, seq_lens, nd))
+
+    def _window_index(self, window: WindowPlan, seq_lens: Tensor, nd: int) -> Tensor:
+        """StepPlan.window_index of the first ``nd`` (decode) requests."""
+        w = self.window.window if self.window.capacity else 0
+        index = torch.full((nd, w), -1, dtype=torch.long)
+        sel = window.read_req < nd
+        if nd and w and bool(sel.any()):
+            req = window.read_req[sel]
+            start = seq_lens[req] - 1 - w
+            index[req, window.read_pos[sel] - start] = (window.read_gslot[sel] * self.block_size
+                                                        + window.read_off[sel])
+        return index
 
     def _to_scratch(self, slots: Tensor, ref_blocks: Tensor) -> Tensor:
         """Physical slots [K] -> scratch slots [K] (-1 stays -1)."""
@@ -181,6 +210,12 @@ class CSRRuntime:
         t0 = time.perf_counter()
         bs = self.block_size
         s = slots[live]
+        if self.native is not None:
+            errs = self.native.write(layer, key[live], value[live], plan.positions[live],
+                                     kv_cache, s)
+            self._count_encode(t0, errs)
+            self.window.write(layer, plan.window, key, value)
+            return
         codec = self.codecs[layer]
         atoms = self._atoms_for_write(codec, kv_cache, s) if codec.sampled else None
         codes, k_rec, v_rec = codec.encode(key[live], value[live], plan.positions[live], atoms)
@@ -189,20 +224,25 @@ class CSRRuntime:
             codec.write_atoms(kv_cache, blocks, atoms.key, atoms.value)
             self._count_atoms(layer, blocks, atoms, kv_cache.shape[0])
         kv_cache[s // bs, :, s % bs, : self.layout.code_bytes] = codes
-        self.stats.observe_encode(time.perf_counter() - t0)
-        self.stats.encoded_vectors += 2 * codes.shape[0] * codes.shape[1]
-
-        for kind, x, rec in (("key", key[live], k_rec), ("value", value[live], v_rec)):
+        errs = [(x.float() - rec).norm(dim=-1) / x.float().norm(dim=-1).clamp_min(1e-12)
+                for x, rec in ((key[live], k_rec), (value[live], v_rec))]  # [K, H] each
+        self._count_encode(t0, errs)
+        for kind, x, err in (("key", key[live], errs[0]), ("value", value[live], errs[1])):
             x = x.float()
-            err = (x - rec).norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)  # [K, H]
-            self.stats.rel_error_sum += float(err.sum())
-            self.stats.rel_error_count += err.numel()
             if self.settings.outlier_threshold > 0 and self.settings.outlier_capacity:
                 pool = self._outlier_pool(layer, kind)
                 pool.invalidate(s)
                 tok, head = (err > self.settings.outlier_threshold).nonzero(as_tuple=True)
                 pool.add(s[tok], head, x[tok, head])
         self.window.write(layer, plan.window, key, value)
+
+    def _count_encode(self, t0: float, errs: list[Tensor] | tuple[Tensor, Tensor]) -> None:
+        """Statistics of one layer's write: time, vectors, relative errors [K, H] of K, V."""
+        self.stats.observe_encode(time.perf_counter() - t0)
+        for err in errs:
+            self.stats.encoded_vectors += err.numel()
+            self.stats.rel_error_sum += float(err.sum())
+            self.stats.rel_error_count += err.numel()
 
     def _atoms_for_write(self, codec: LayerCodec, kv_cache: Tensor, slots: Tensor) -> BlockAtoms:
         """The sampled atoms of the blocks the step writes [K slots], for encoding: emptied
@@ -243,17 +283,11 @@ class CSRRuntime:
                    kv_cache: Tensor) -> tuple[Tensor, Tensor]:
         """K, V [R * BS, H, D] of every referenced slot, in scratch order: reconstructed from
         the codes, then overlaid with outliers, the dense window and the step's own tokens."""
-        bs, r = self.block_size, len(plan.ref_blocks)
-        pages = kv_cache[plan.ref_blocks]  # [R, H, BS, C]
-        slots = pages.permute(0, 2, 1, 3).reshape(r * bs, pages.shape[1], pages.shape[3])
-        pos = (plan.ref_pos0[:, None] + torch.arange(bs)).reshape(-1)
-        atoms = self._read_atoms(layer, kv_cache, plan.ref_blocks,
-                                 torch.arange(r).repeat_interleave(bs))
-        k, v = self.codecs[layer].decode(slots, pos, atoms)
-        # Slots past a sequence's end hold whatever the page held; the kernel never reads
-        # them, but keep them finite.
-        k, v = torch.nan_to_num_(k, 0.0, 0.0, 0.0), torch.nan_to_num_(v, 0.0, 0.0, 0.0)
-        k, v = k.to(self.dtype), v.to(self.dtype)
+        if self.native is not None:  # only the earlier context: the rest is overlaid
+            k, v = self.native.decode_dense(layer, kv_cache, plan.ref_blocks, plan.ref_counts,
+                                            plan.ref_pos0, self.dtype)
+        else:
+            k, v = self._decode_referenced(layer, plan, kv_cache)
 
         for kind, dst in (("key", k), ("value", v)):
             pool = self.outliers.get((layer, kind))
@@ -272,11 +306,33 @@ class CSRRuntime:
         v[plan.new_scratch[live]] = value[:n][live].to(self.dtype)
         return k, v
 
+    def _decode_referenced(self, layer: int, plan: StepPlan,
+                           kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """The reference decode of every referenced slot: K, V [R * BS, H, D]."""
+        bs, r = self.block_size, len(plan.ref_blocks)
+        pages = kv_cache[plan.ref_blocks]  # [R, H, BS, C]
+        slots = pages.permute(0, 2, 1, 3).reshape(r * bs, pages.shape[1], pages.shape[3])
+        pos = (plan.ref_pos0[:, None] + torch.arange(bs)).reshape(-1)
+        atoms = self._read_atoms(layer, kv_cache, plan.ref_blocks,
+                                 torch.arange(r).repeat_interleave(bs))
+        k, v = self.codecs[layer].decode(slots, pos, atoms)
+        # Slots past a sequence's end hold whatever the page held; the kernel never reads
+        # them, but keep them finite.
+        k, v = torch.nan_to_num_(k, 0.0, 0.0, 0.0), torch.nan_to_num_(v, 0.0, 0.0, 0.0)
+        return k.to(self.dtype), v.to(self.dtype)
+
     def sparse_decode(self, layer: int, plan: StepPlan, query: Tensor, key: Tensor,
                       value: Tensor, kv_cache: Tensor, scale: float, output: Tensor) -> None:
         """Attention in the sparse domain for the plan's leading decode requests.
 
         query [N, Hq, D]; writes output rows [0, num_decodes) ([N, Hq * D] or [N, Hq, D])."""
+        nd = plan.num_decodes
+        if self.native is not None:
+            store = self.window._store(layer) if self.window.capacity else None
+            self.native.decode_attention(layer, query[:nd], kv_cache, plan.table[:nd],
+                                         plan.seq_lens[:nd], store, plan.window_index,
+                                         key[:nd], value[:nd], scale, output[:nd])
+            return
         bs, codec = self.block_size, self.codecs[layer]
         kc, vc = codec.keys[0], codec.values[0]
         kb, cb = self.layout.key_bytes, self.layout.code_bytes
@@ -330,10 +386,10 @@ class CSRRuntime:
             output[row] = out.reshape(output[row].shape).to(output.dtype)
 
     def auto_sparse(self, max_seq_len: int) -> bool:
-        """``read_path: auto``: the sparse path for decode rows from this context length on.
-
-        Measured by benchmarks/read_paths.py on this project's CPU reference; see README."""
-        return max_seq_len >= SPARSE_FROM_TOKENS
+        """``read_path: auto``: the sparse path for decode rows from this context length on:
+        always with the native kernels (attention straight from the pages), never on the
+        reference (measured by benchmarks/read_paths.py; see docs/results.md)."""
+        return self.native is not None or max_seq_len >= SPARSE_FROM_TOKENS
 
     # -- accounting --------------------------------------------------------------------------
     def sampled_atom_bytes(self) -> int:
@@ -346,6 +402,7 @@ class CSRRuntime:
             "dictionaries": self.dicts.nbytes,
             "window_guard": self.window.reserved_bytes(len(self.dicts.layers)),
             "outlier_guard": sum(p.nbytes for p in self.outliers.values()),
+            "native_tables": self.native.extra_bytes if self.native is not None else 0,
         }
 
 

@@ -22,6 +22,7 @@ from csr_vllm.codec.config import DEFAULT_PRESET, PRESETS
 BACKEND_NAME = "csr"
 
 ReadPath = Literal["auto", "reconstruct", "sparse"]
+Kernels = Literal["native", "reference"]
 
 
 class CSRSettings(BaseModel):
@@ -41,6 +42,10 @@ class CSRSettings(BaseModel):
         outlier_capacity: vectors per layer and tensor in the outlier pool (ring; oldest out).
         read_path: ``reconstruct`` (decode pages, vLLM's kernel), ``sparse`` (attention in the
             sparse domain for decode rows), ``auto`` (the faster one for the shape).
+        kernels: ``native`` (the C++ CPU kernels of :mod:`csr_vllm.native`, where they
+            implement the setting and build here; else the reference, said once at start) or
+            ``reference`` (the plain-PyTorch codec, the spec the native kernels are tested
+            against).
         adapt_atoms: E, atoms per KV block (and tensor) sampled from the block's own K/V to
             extend the dictionary for it (:mod:`csr_vllm.codec.adaptation`); their bytes are
             added to every slot (the pool holds fewer tokens). 0 = off (default: measured
@@ -56,6 +61,7 @@ class CSRSettings(BaseModel):
     outlier_threshold: float = Field(0.0, ge=0.0)
     outlier_capacity: int = Field(4096, ge=0)
     read_path: ReadPath = "auto"
+    kernels: Kernels = "native"
     adapt_atoms: int = Field(0, ge=0, le=64)
 
     @field_validator("preset")

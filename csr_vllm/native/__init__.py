@@ -8,7 +8,7 @@ and :func:`load` returns None: callers then use the PyTorch reference, never cra
 Ops (shapes in the project's notation; formats as :func:`format_ints`):
 
 * ``encode_store(x [N, H, D], positions [N], cos, sin [P, D], atoms [A, D], atoms_t [D, A],
-  ladder [S, M], kv_cache!, slots [N], fmt, undo_rope) -> rel_err [N, H]``
+  ladder [S, M], kv_cache!, slots [N], fmt, omp, undo_rope) -> rel_err [N, H]``
 * ``decode_dense(kv_cache, blocks [R], counts [R], pos0 [R], key_fmt, value_fmt, key_atoms,
   key_ladder, value_atoms, value_ladder, cos, sin, apply_rope, out_k!, out_v! [R*BS, H, D])``
 * ``decode_attention(query [N, Hq, D], kv_cache, block_table [B, M], seq_lens [B], rows [B],
@@ -93,7 +93,7 @@ def error() -> str | None:
 
 def _register_fakes() -> None:
     """Shape-only implementations, so traced code (torch.compile) can pass through the ops."""
-    def encode_fake(x, positions, cos, sin, atoms, atoms_t, ladder, kv_cache, slots, fmt,
+    def encode_fake(x, positions, cos, sin, atoms, atoms_t, ladder, kv_cache, slots, fmt, omp,
                     undo_rope):
         return x.new_empty(x.shape[:2], dtype=torch.float32)
 
@@ -115,8 +115,6 @@ def unsupported(config: TensorCodecConfig) -> str | None:
     """Why the native kernels cannot code ``config`` (None: they can)."""
     if config.chunks != 1:
         return f"{config.chunks} chunks per vector"
-    if config.pursuit != "omp":
-        return f"pursuit {config.pursuit!r}"
     if config.coef not in _KINDS:
         return f"coefficient format {config.coef!r}"
     if config.sampled_atoms:

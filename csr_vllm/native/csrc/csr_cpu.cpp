@@ -278,7 +278,7 @@ inline float dot(const float* a, const float* b, int64_t d) {
 
 }  // namespace
 
-// encode_store: OMP-code x [N, H, D] (keys after RoPE when undo_rope: rotated back first with
+// encode_store: OMP- (omp) or MP-code x [N, H, D] (keys after RoPE when undo_rope: rotated back first with
 // positions [N]), quantise inside the pursuit as the reference does, pack each code into
 // kv_cache [NB, H, BS, C] at slots [N] and the format's byte offset. Returns the relative
 // reconstruction error [N, H] (from the final residual).
@@ -286,7 +286,7 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
                         const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                         const at::Tensor& atoms_in, const at::Tensor& atoms_t_in,
                         const at::Tensor& ladder_in, at::Tensor& kv_cache,
-                        const at::Tensor& slots_in, c10::IntArrayRef fmt_list, bool undo) {
+                        const at::Tensor& slots_in, c10::IntArrayRef fmt_list, bool omp, bool undo) {
   const Format f = format_of(fmt_list);
   TORCH_CHECK(x_in.dim() == 3, "x must be [N, H, D]");
   TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.dim() == 4 && kv_cache.is_contiguous(),
@@ -317,8 +317,9 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   }
 
   const int64_t rows = n * h, s_n = f.atoms;
-  std::vector<float> x0(rows * d), res(rows * d), basis(rows * s_n * d);
+  std::vector<float> x0(rows * d), res(rows * d), basis(omp ? rows * s_n * d : 0);
   std::vector<int32_t> picks(rows * s_n);
+  std::vector<uint32_t> mp_codes(omp ? 0 : rows * s_n);
   const float* xp = x.data_ptr<float>();
   const int64_t* pp = pos.data_ptr<int64_t>();
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
@@ -360,9 +361,18 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
           if (part_abs[sp * rows + r] > bv) { bv = part_abs[sp * rows + r]; bi = part_idx[sp * rows + r]; }
         }
         picks[r * s_n + k] = bi;
+        const float* atom = ar + int64_t(bi) * d;
+        if (!omp) {  // matching pursuit: the pick's quantised correlation, off the residual
+          float* rr = &res[r * d];
+          uint32_t code = 0;
+          const float c = quantize(f, dot(rr, atom, d), k, lad, m, code);
+          mp_codes[r * s_n + k] = code;
+#pragma omp simd
+          for (int64_t j = 0; j < d; ++j) rr[j] -= c * atom[j];
+          continue;
+        }
         // Gram-Schmidt: the least-squares residual of x on the picked atoms, incrementally.
         float* q = &basis[(r * s_n + k) * d];
-        const float* atom = ar + int64_t(bi) * d;
         std::copy(atom, atom + d, q);
         for (int64_t i = 0; i < k; ++i) {
           const float* qi = &basis[(r * s_n + i) * d];
@@ -396,13 +406,20 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
     std::vector<float> gram(s_n * s_n), rhs(s_n), target(d);
     for (int64_t r = r0; r < r1; ++r) {
       const int32_t* idx = &picks[r * s_n];
-      for (int64_t i = 0; i < s_n; ++i)
+      for (int64_t i = 0; omp && i < s_n; ++i)
         for (int64_t j = 0; j <= i; ++j)
           gram[i * s_n + j] = gram[j * s_n + i] = dot(ar + int64_t(idx[i]) * d, ar + int64_t(idx[j]) * d, d);
-      std::copy(&x0[r * d], &x0[r * d] + d, target.begin());
       uint8_t buf[kMaxCodeBytes + 8];
       std::memset(buf, 0, sizeof(buf));
-      for (int64_t k = 0; k < s_n; ++k) {
+      if (!omp) {  // codes chosen in the pursuit; the residual is the final one
+        for (int64_t k = 0; k < s_n; ++k) {
+          write_field(buf, k * f.coef_bits, f.coef_bits, mp_codes[r * s_n + k]);
+          write_field(buf, s_n * f.coef_bits + k * f.index_bits, f.index_bits, static_cast<uint32_t>(idx[k]));
+        }
+        std::copy(&res[r * d], &res[r * d] + d, target.begin());
+      }
+      if (omp) std::copy(&x0[r * d], &x0[r * d] + d, target.begin());
+      for (int64_t k = 0; omp && k < s_n; ++k) {
         for (int64_t i = k; i < s_n; ++i) rhs[i] = dot(ar + int64_t(idx[i]) * d, target.data(), d);
         const float free = first_of_solve(&gram[k * s_n + k], s_n, &rhs[k], s_n - k, ridge);
         uint32_t code = 0;
@@ -866,7 +883,7 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
 TORCH_LIBRARY(csr_cpu, m) {
   m.def("encode_store(Tensor x, Tensor positions, Tensor rope_cos, Tensor rope_sin, Tensor atoms, "
         "Tensor atoms_t, Tensor ladder, Tensor(a!) kv_cache, Tensor slots, int[] fmt, "
-        "bool undo_rope) -> Tensor");
+        "bool omp, bool undo_rope) -> Tensor");
   m.def("decode_dense(Tensor kv_cache, Tensor blocks, Tensor counts, Tensor pos0, int[] key_fmt, "
         "int[] value_fmt, Tensor key_atoms, Tensor key_ladder, Tensor value_atoms, "
         "Tensor value_ladder, Tensor rope_cos, Tensor rope_sin, bool apply_rope, "

@@ -1,0 +1,164 @@
+"""The engine's side of the native CPU kernels (:mod:`csr_vllm.native`).
+
+One :class:`NativeKernels` per :class:`~csr_vllm.engine.runtime.CSRRuntime`, built once per
+engine: each layer's tables in the layout the kernels read (atoms row-major for gathers and
+transposed for the encoder's correlation, ladder tables, code formats) and one RoPE table that
+grows with the longest position seen. The runtime calls it instead of the reference codec when
+``kernels: native`` and the setting is one the kernels implement (:func:`why_not_native`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from csr_vllm import native
+from csr_vllm.codec.codec import TensorCodec
+from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.codec.rope import rope_tables
+from csr_vllm.engine.settings import CSRSettings
+
+_EMPTY = torch.empty(0)
+
+
+def why_not_native(dicts: DictionarySet, settings: CSRSettings) -> str | None:
+    """Why this engine runs the PyTorch reference (None: the native kernels serve it)."""
+    if settings.kernels != "native":
+        return "kernels: reference was asked for"
+    if dicts.config.per_head:
+        return "per-head dictionaries"
+    if settings.outlier_threshold > 0 and settings.outlier_capacity:
+        return "the outlier Guard"
+    for tc in (dicts.config.key, dicts.config.value):
+        why = native.unsupported(tc)
+        if why:
+            return why
+    if native.load() is None:
+        return f"the native kernels could not be built ({native.error()})"
+    return None
+
+
+@dataclass(frozen=True)
+class TensorTables:
+    """One layer's tables of one tensor (K or V), as the kernels take them.
+
+    Attributes:
+        atoms: [A, D] float32 (the reference codec's own tensor, not a copy).
+        atoms_t: [D, A] float32, for the encoder's correlation (atoms in SIMD lanes).
+        ladder: [S, M] float32 ladder table of a logB code, else empty.
+        fmt: :func:`csr_vllm.native.format_ints` at the tensor's byte offset in the slot.
+        omp: OMP (True) or matching pursuit.
+    """
+
+    atoms: Tensor
+    atoms_t: Tensor
+    ladder: Tensor
+    fmt: list[int]
+    omp: bool
+
+    @classmethod
+    def of(cls, codec: TensorCodec, offset: int) -> TensorTables:
+        atoms = codec.atoms[0].float().contiguous()
+        ladder = codec.ladder_table()
+        return cls(atoms, atoms.t().contiguous(), ladder[0] if ladder is not None else _EMPTY,
+                   native.format_ints(codec.config, offset), codec.config.pursuit == "omp")
+
+    @property
+    def extra_bytes(self) -> int:
+        """Bytes beyond the reference's dictionaries (the transposed copy)."""
+        return self.atoms_t.nbytes
+
+
+@dataclass(frozen=True)
+class LayerTables:
+    key: TensorTables
+    value: TensorTables
+
+
+class RopeTable:
+    """cos, sin [P, D] float32 for positions [0, P), the reference's values (rope_tables),
+    built once and grown (doubling) when a longer position comes."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim, self.theta = head_dim, theta
+        self.cos = self.sin = torch.empty(0, head_dim)
+
+    def covering(self, max_position: int) -> tuple[Tensor, Tensor]:
+        if max_position >= self.cos.shape[0]:
+            size = max(4096, 1 << int(max_position).bit_length())
+            self.cos, self.sin = rope_tables(self.head_dim, self.theta, torch.arange(size))
+        return self.cos, self.sin
+
+    @property
+    def nbytes(self) -> int:
+        return self.cos.nbytes + self.sin.nbytes
+
+
+class NativeKernels:
+    """Write and read paths of one runtime through the native ops."""
+
+    def __init__(self, layers: dict, key_bytes: int, head_dim: int, rope_theta: float,
+                 pre_rope: bool) -> None:
+        self.ops = native.load()
+        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0),
+                                          TensorTables.of(c.values[0], key_bytes))
+                       for layer, c in layers.items()}
+        self.pre_rope = pre_rope
+        self.rope = RopeTable(head_dim, rope_theta)
+
+    def _rope(self, max_position: int) -> tuple[Tensor, Tensor]:
+        if not self.pre_rope:
+            return _EMPTY, _EMPTY
+        return self.rope.covering(max_position)
+
+    def write(self, layer: int, key: Tensor, value: Tensor, positions: Tensor,
+              kv_cache: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Code K/V [K, H, D] (keys after RoPE) of positions [K] into slots [K] (all >= 0);
+        returns the relative errors [K, H] of keys and values."""
+        t = self.tables[layer]
+        cos, sin = self._rope(int(positions.max()))
+        errs = []
+        for tab, x, undo in ((t.key, key, self.pre_rope), (t.value, value, False)):
+            errs.append(self.ops.encode_store(x, positions, cos, sin, tab.atoms, tab.atoms_t,
+                                              tab.ladder, kv_cache, slots, tab.fmt, tab.omp,
+                                              undo))
+        return errs[0], errs[1]
+
+    def decode_dense(self, layer: int, kv_cache: Tensor, blocks: Tensor, counts: Tensor,
+                     pos0: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """K (after RoPE), V [R * BS, H, D] of the first counts[r] slots of blocks [R]
+        (positions pos0[r] + offset); the other rows are zero."""
+        t = self.tables[layer]
+        _, h, bs, _ = kv_cache.shape
+        d = t.key.atoms.shape[1]
+        out_k = torch.zeros(len(blocks) * bs, h, d, dtype=dtype)
+        out_v = torch.zeros_like(out_k)
+        if len(blocks):
+            cos, sin = self._rope(int((pos0 + counts).max()))
+            self.ops.decode_dense(kv_cache, blocks, counts, pos0, t.key.fmt, t.value.fmt,
+                                  t.key.atoms, t.key.ladder, t.value.atoms, t.value.ladder, cos,
+                                  sin, self.pre_rope, out_k, out_v)
+        return out_k, out_v
+
+    def decode_attention(self, layer: int, query: Tensor, kv_cache: Tensor, block_table: Tensor,
+                         seq_lens: Tensor, window_store: Tensor | None, window_index: Tensor,
+                         own_key: Tensor, own_value: Tensor, scale: float,
+                         output: Tensor) -> None:
+        """Decode rows [B] (query [B, Hq, D], output [B, Hq * D] or [B, Hq, D]) attend
+        their seq_lens [B] tokens straight from the pages; see csr_vllm.native."""
+        t = self.tables[layer]
+        cos, sin = self._rope(int(seq_lens.max()))
+        rows = torch.arange(len(seq_lens))
+        self.ops.decode_attention(query, kv_cache, block_table, seq_lens, rows, t.key.fmt,
+                                  t.value.fmt, t.key.atoms, t.key.ladder, t.value.atoms,
+                                  t.value.ladder, cos, sin, self.pre_rope,
+                                  window_store if window_store is not None else _EMPTY,
+                                  window_index, own_key, own_value, scale, output)
+
+    @property
+    def extra_bytes(self) -> int:
+        """Memory the native path holds beyond the reference's: transposed atoms, RoPE."""
+        return sum(t.key.extra_bytes + t.value.extra_bytes
+                   for t in self.tables.values()) + self.rope.nbytes
