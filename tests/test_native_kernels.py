@@ -43,8 +43,13 @@ def ladder_of(codec: TensorCodec) -> torch.Tensor:
     return table[0] if table is not None else torch.empty(0)
 
 
+def correlation_layouts() -> list[str]:
+    return ["fp32", "bf16"] if OPS is not None and OPS.isa() == "avx512_bf16" else ["fp32"]
+
+
 def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor | None,
-                  offset: int = 0, extra: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                  offset: int = 0, extra: int = 0,
+                  layout: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, H, D] -> (slots [N, H, bytes] as stored, rel_err [N, H])."""
     n, h, d = x.shape
     cfg = codec.config
@@ -53,8 +58,11 @@ def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor |
     if positions is not None:
         cos, sin = rope_tables(d, THETA, torch.arange(int(positions.max()) + 1))
     atoms = codec.atoms[0]
+    a = atoms.shape[0]
+    atoms_t = atoms.t().contiguous() if layout == "fp32" else \
+        atoms.to(torch.bfloat16).reshape(a, d // 2, 2).permute(1, 0, 2).contiguous()
     err = OPS.encode_store(x, positions if positions is not None else torch.zeros(n, dtype=torch.long),
-                           cos, sin, atoms, atoms.t().contiguous(), ladder_of(codec), cache,
+                           cos, sin, atoms, atoms_t, ladder_of(codec), cache,
                            torch.arange(n), native.format_ints(cfg, offset), cfg.pursuit == "omp",
                            positions is not None)
     return cache[:, :, 0], err
@@ -64,10 +72,11 @@ def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor |
     (64, "log5", 7, "omp"), (64, "fp8", 6, "omp"), (64, "fp16", 3, "omp"),
     (128, "log5", 14, "omp"), (128, "log3", 9, "omp"), (64, "log4", 4, "omp"),
     (64, "fp8", 5, "mp"), (128, "log5", 6, "mp")])
-def test_encode_store_equals_the_reference_pursuit(gen, d, coef, s, pursuit):
+@pytest.mark.parametrize("layout", correlation_layouts())
+def test_encode_store_equals_the_reference_pursuit(gen, d, coef, s, pursuit, layout):
     codec = make_codec(gen, d, 1024, s, coef, pursuit)
     x = torch.randn(40, 3, d, generator=gen) * torch.linspace(2, 0.2, d)
-    slots, err = encode_native(codec, x, None)
+    slots, err = encode_native(codec, x, None, layout=layout)
     ref = codec.encode(x.reshape(-1, d))
     got = codec.unpack(slots.reshape(-1, codec.config.slot_bytes))
     same = (got.indices == ref.indices).all(-1).all(-1)

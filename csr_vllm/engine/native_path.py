@@ -46,7 +46,9 @@ class TensorTables:
 
     Attributes:
         atoms: [A, D] float32 (the reference codec's own tensor, not a copy).
-        atoms_t: [D, A] float32, for the encoder's correlation (atoms in SIMD lanes).
+        atoms_t: the encoder's correlation layout (atoms in SIMD lanes): [D/2, A, 2] bf16
+            channel pairs where the build has AVX512-BF16 dot products (candidates are
+            rescored in fp32), else [D, A] float32.
         ladder: [S, M] float32 ladder table of a logB code, else empty.
         fmt: :func:`csr_vllm.native.format_ints` at the tensor's byte offset in the slot.
         omp: OMP (True) or matching pursuit.
@@ -59,10 +61,13 @@ class TensorTables:
     omp: bool
 
     @classmethod
-    def of(cls, codec: TensorCodec, offset: int) -> TensorTables:
+    def of(cls, codec: TensorCodec, offset: int, bf16_pairs: bool) -> TensorTables:
         atoms = codec.atoms[0].float().contiguous()
+        a, d = atoms.shape
+        atoms_t = (atoms.to(torch.bfloat16).reshape(a, d // 2, 2).permute(1, 0, 2).contiguous()
+                   if bf16_pairs and d % 2 == 0 else atoms.t().contiguous())
         ladder = codec.ladder_table()
-        return cls(atoms, atoms.t().contiguous(), ladder[0] if ladder is not None else _EMPTY,
+        return cls(atoms, atoms_t, ladder[0] if ladder is not None else _EMPTY,
                    native.format_ints(codec.config, offset), codec.config.pursuit == "omp")
 
     @property
@@ -102,8 +107,9 @@ class NativeKernels:
     def __init__(self, layers: dict, key_bytes: int, head_dim: int, rope_theta: float,
                  pre_rope: bool) -> None:
         self.ops = native.load()
-        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0),
-                                          TensorTables.of(c.values[0], key_bytes))
+        pairs = self.ops.isa() == "avx512_bf16"
+        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0, pairs),
+                                          TensorTables.of(c.values[0], key_bytes, pairs))
                        for layer, c in layers.items()}
         self.pre_rope = pre_rope
         self.rope = RopeTable(head_dim, rope_theta)

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -158,6 +159,13 @@ inline void check_float_like(const at::Tensor& t, const char* what) {
               what, " must be a contiguous bfloat16, float16 or float32 tensor");
 }
 
+inline float dot(const float* a, const float* b, int64_t d) {
+  float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < d; ++j) s += a[j] * b[j];
+  return s;
+}
+
 // -- correlation: argmax_a |<r_i, atom_a>| for a block of rows ----------------------------
 // atoms_t is [D, A] (atoms in lanes), so a block of R rows reads the dictionary once and keeps
 // every correlation in registers: the [N, A] product is never written out.
@@ -222,6 +230,82 @@ void dispatch_rows(std::integer_sequence<int, Rs...>, int64_t rows, const float*
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// bf16 correlation (AVX512-BF16 dot products: two channels per multiply-add, twice the fp32
+// FMA rate, half the dictionary bytes), then the few best candidates rescored in fp32 so the
+// pick is the reference's except where bf16 rounding hides an fp32 near-tie. atoms_t2 is
+// [D/2, A, 2] bf16 (channel pairs of 16 atoms per 64-byte vector); atoms [A, D] fp32.
+constexpr int kBf16Rows = 8;
+constexpr int kRescore = 4;  // lane winners rescored in fp32
+
+template <int R>
+void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const float* atoms,
+                     int64_t a0, int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
+  uint32_t pairs[R][128];
+  for (int r = 0; r < R; ++r)
+    for (int64_t j = 0; j < d / 2; ++j)
+      pairs[r][j] = uint32_t(c10::BFloat16(res[r * d + 2 * j]).x) |
+                    (uint32_t(c10::BFloat16(res[r * d + 2 * j + 1]).x) << 16);
+  __m512 bestv[R];
+  __m512i besti[R];
+  for (int r = 0; r < R; ++r) { bestv[r] = _mm512_set1_ps(-1.0f); besti[r] = _mm512_setzero_si512(); }
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t a = a0;
+  for (; a + 16 <= a1; a += 16) {
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    const uint16_t* col = at2 + a * 2;
+    for (int64_t j = 0; j < d / 2; ++j, col += a_total * 2) {
+      const __m512bh c = (__m512bh)_mm512_loadu_si512(col);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r][j])), c);
+    }
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_and_ps(acc[r], absmask);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bestv[r], _CMP_GT_OQ);
+      bestv[r] = _mm512_mask_mov_ps(bestv[r], gt, v);
+      besti[r] = _mm512_mask_mov_epi32(besti[r], gt, ids);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float bv[16];
+    alignas(64) int32_t bi[16];
+    _mm512_store_ps(bv, bestv[r]);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
+    int order[16];
+    for (int x = 0; x < 16; ++x) order[x] = x;
+    std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
+    const float* rr = res + r * d;
+    for (int x = 0; x < kRescore; ++x) {
+      if (bv[order[x]] < 0.0f) break;  // an empty lane (range shorter than 16 atoms)
+      const int32_t id = bi[order[x]];
+      const float v = std::fabs(dot(rr, atoms + int64_t(id) * d, d));
+      if (v > best_abs[r] || (v == best_abs[r] && id < best_idx[r])) { best_abs[r] = v; best_idx[r] = id; }
+    }
+    for (int64_t t = a; t < a1; ++t) {  // tail of the range, exact
+      const float v = std::fabs(dot(rr, atoms + t * d, d));
+      if (v > best_abs[r]) { best_abs[r] = v; best_idx[r] = static_cast<int32_t>(t); }
+    }
+  }
+}
+
+template <int... Rs>
+void dispatch_rows_bf16(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
+                        const uint16_t* at2, const float* atoms, int64_t a0, int64_t a1,
+                        int64_t a_total, float* best_abs, int32_t* best_idx) {
+  ((rows == Rs + 1 ? best_atoms_bf16<Rs + 1>(res, d, at2, atoms, a0, a1, a_total, best_abs, best_idx)
+                   : void()), ...);
+}
+#endif
+
+// Best atoms of `rows` residual rows over atoms [a0, a1): through the bf16 pair layout when
+// it is given (atoms_t2 != nullptr), else exactly in fp32 from atoms_t [D, A].
+void best_atoms_any(const float* res, int64_t rows, int64_t d, const float* atoms_t,
+                    const uint16_t* atoms_t2, const float* atoms, int64_t a0, int64_t a1,
+                    int64_t a_total, float* best_abs, int32_t* best_idx);
+
 void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t, int64_t a0,
                 int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
   for (int64_t r = 0; r < rows; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
@@ -238,6 +322,24 @@ void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t,
     }
   }
 #endif
+}
+
+void best_atoms_any(const float* res, int64_t rows, int64_t d, const float* atoms_t,
+                    const uint16_t* atoms_t2, const float* atoms, int64_t a0, int64_t a1,
+                    int64_t a_total, float* best_abs, int32_t* best_idx) {
+#if defined(__AVX512BF16__)
+  if (atoms_t2) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kBf16Rows) {
+      const int64_t nr = std::min<int64_t>(kBf16Rows, rows - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
+      dispatch_rows_bf16(std::make_integer_sequence<int, kBf16Rows>{}, nr, res + r0 * d, d, atoms_t2,
+                         atoms, a0, a1, a_total, best_abs + r0, best_idx + r0);
+    }
+    return;
+  }
+#endif
+  TORCH_CHECK(atoms_t, "no correlation layout for this build");
+  best_atoms(res, rows, d, atoms_t, a0, a1, a_total, best_abs, best_idx);
 }
 
 // Solve (G + ridge I) c = b for the first entry of c; G is n x n (row stride ld), Cholesky.
@@ -269,13 +371,6 @@ float first_of_solve(const float* g, int64_t ld, const float* b, int64_t n, floa
   return static_cast<float>(x[0]);
 }
 
-inline float dot(const float* a, const float* b, int64_t d) {
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < d; ++j) s += a[j] * b[j];
-  return s;
-}
-
 }  // namespace
 
 // encode_store: OMP- (omp) or MP-code x [N, H, D] (keys after RoPE when undo_rope: rotated back first with
@@ -294,12 +389,21 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   const int64_t n = x_in.size(0), h = x_in.size(1), d = x_in.size(2);
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor atoms = atoms_in.to(at::kFloat).contiguous();
-  const at::Tensor atoms_t = atoms_t_in.to(at::kFloat).contiguous();
+  const bool pairs = atoms_t_in.scalar_type() == at::kBFloat16;
+  const at::Tensor atoms_t = pairs ? atoms_t_in.contiguous() : atoms_t_in.to(at::kFloat).contiguous();
   const at::Tensor slots = slots_in.to(at::kLong).contiguous();
   const at::Tensor pos = positions.to(at::kLong).contiguous();
   TORCH_CHECK(atoms.dim() == 2 && atoms.size(1) == d, "atoms must be [A, D]");
   const int64_t a_total = atoms.size(0);
-  TORCH_CHECK(atoms_t.size(0) == d && atoms_t.size(1) == a_total, "atoms_t must be [D, A]");
+  if (pairs) {
+#if !defined(__AVX512BF16__)
+    TORCH_CHECK(false, "bf16 correlation tables need a build with AVX512-BF16 (see csr_cpu::isa)");
+#endif
+    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 2 && atoms_t.size(1) == a_total &&
+                atoms_t.size(2) == 2 && d % 2 == 0 && d <= 256, "bf16 atoms_t must be [D/2, A, 2]");
+  } else {
+    TORCH_CHECK(atoms_t.dim() == 2 && atoms_t.size(0) == d && atoms_t.size(1) == a_total, "atoms_t must be [D, A]");
+  }
   TORCH_CHECK(slots.numel() == n && pos.numel() == n, "slots and positions must be [N]");
   TORCH_CHECK(kv_cache.size(1) == h, "kv_cache heads differ from x's");
   TORCH_CHECK(f.offset + f.bytes <= kv_cache.size(3), "code does not fit in the slot");
@@ -336,7 +440,8 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   });
 
   // Picks: the blocks of rows and, when there are few, atom ranges run in parallel.
-  const float* at = atoms_t.data_ptr<float>();
+  const float* at = pairs ? nullptr : atoms_t.data_ptr<float>();
+  const uint16_t* at2 = pairs ? reinterpret_cast<const uint16_t*>(atoms_t.data_ptr<at::BFloat16>()) : nullptr;
   const float* ar = atoms.data_ptr<float>();
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const int64_t threads = at::get_num_threads();
@@ -350,7 +455,7 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
         const int64_t b = w / splits, sp = w % splits;
         const int64_t r0 = b * kRows, nr = std::min<int64_t>(kRows, rows - r0);
         const int64_t a0 = std::min(a_total, sp * span), a1 = std::min(a_total, a0 + span);
-        best_atoms(&res[r0 * d], nr, d, at, a0, a1, a_total, &part_abs[sp * rows + r0], &part_idx[sp * rows + r0]);
+        best_atoms_any(&res[r0 * d], nr, d, at, at2, ar, a0, a1, a_total, &part_abs[sp * rows + r0], &part_idx[sp * rows + r0]);
       }
     });
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
@@ -880,7 +985,19 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   });
 }
 
+// What this build vectorises with: the correlation layouts encode_store accepts follow.
+std::string isa() {
+#if defined(__AVX512BF16__)
+  return "avx512_bf16";
+#elif defined(__AVX512F__)
+  return "avx512";
+#else
+  return "generic";
+#endif
+}
+
 TORCH_LIBRARY(csr_cpu, m) {
+  m.def("isa() -> str");
   m.def("encode_store(Tensor x, Tensor positions, Tensor rope_cos, Tensor rope_sin, Tensor atoms, "
         "Tensor atoms_t, Tensor ladder, Tensor(a!) kv_cache, Tensor slots, int[] fmt, "
         "bool omp, bool undo_rope) -> Tensor");
@@ -894,6 +1011,8 @@ TORCH_LIBRARY(csr_cpu, m) {
         "bool apply_rope, Tensor win_store, Tensor win_index, Tensor own_k, Tensor own_v, "
         "float scale, Tensor(a!) output) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(csr_cpu, CatchAll, m) { m.impl("isa", &isa); }
 
 TORCH_LIBRARY_IMPL(csr_cpu, CPU, m) {
   m.impl("encode_store", &encode_store);
