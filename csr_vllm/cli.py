@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from csr_vllm.kv_budget import KVBudget
 
 
 def model_dir_or_default(arg: str | None) -> Path:
@@ -86,17 +90,30 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     """Prepare the default model and dictionary, serve them with CSR and report the capacity."""
+    import gc
+    import os
+
     from transformers import AutoConfig
 
-    from csr_vllm.codec.config import PRESETS
+    from csr_vllm.codec.config import PRESETS, get_preset
     from csr_vllm.codec.dictionary import DictionarySet, ModelShape
-    from csr_vllm.defaults import default_dictionary
 
     model = model_dir_or_default(args.model)
     print(f"model:      {model}")
-    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model))
-    dict_dir = default_dictionary(model)
+    hf_config = AutoConfig.from_pretrained(model)
+    shape = ModelShape.from_hf_config(hf_config)
+    if args.dict:
+        dict_dir = Path(args.dict)
+    else:
+        from csr_vllm.defaults import default_dictionary
+
+        dict_dir = default_dictionary(model)
     dicts = DictionarySet.load(dict_dir, expect=shape)
+    # What the workers will ask of it, asked here: a misfit stops with one line, not a
+    # traceback from a worker.
+    dicts = dicts.with_codec(get_preset(args.preset).config_for(shape.head_dim))
+    for kind in ("key", "value"):
+        dicts.codec(kind, dicts.layers.start)
     print(f"dictionary: {dict_dir} ({dicts.nbytes / 2**20:.1f} MiB of atoms)")
     dense = 2 * shape.head_dim * 2  # bf16 K + V bytes per (token, KV head)
     for name, preset in PRESETS.items():
@@ -104,10 +121,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print(f"  {name:12s} {cfg.slot_bytes():3d} B per (token, KV head) vs {dense} B bf16: "
               f"{cfg.bits_per_channel(shape.head_dim):.3f} bits/channel, "
               f"{dense / cfg.slot_bytes():.1f}x the tokens")
+    vllm_args = [a for a in args.vllm_args if a != "--"]
+    from csr_vllm.kv_budget import csr_side_bytes
+
+    side = csr_side_bytes(dicts)
+    del dicts  # the worker loads its own copy; this process need not hold one while serving
+    gc.collect()
+    budget = _kv_budget(model, hf_config, shape, side, args.preset, vllm_args, os.environ)
+    if budget is not None:
+        print(budget.line)
+        vllm_args += budget.flags()
     cmd = [sys.executable, "-m", "csr_vllm.vllm_launcher", "serve", str(model),
            "--kv-cache-backend", "csr", "--csr-dict", str(dict_dir),
            "--csr-preset", args.preset, "--host", args.host, "--port", str(args.port),
-           *[a for a in args.vllm_args if a != "--"]]
+           *vllm_args]
     print("serving:    vllm " + " ".join(cmd[3:]), flush=True)
     if args.dry_run:
         return
@@ -116,6 +143,28 @@ def cmd_serve(args: argparse.Namespace) -> None:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
     key = next((v for a, v in zip(cmd[:-1], cmd[1:], strict=True) if a == "--api-key"), None)
     sys.exit(serve_and_report(cmd, f"http://{host}:{args.port}", key))
+
+
+def _kv_budget(model: Path, hf_config, shape, side_bytes: int, preset: str,
+               vllm_args: list[str], environ) -> KVBudget | None:
+    """The KV pool to ask vLLM's CPU backend for (:mod:`csr_vllm.kv_budget`), ``side_bytes``
+    being CSR's memory outside it; None on other platforms, where vLLM's own default (a share
+    of the device's memory) is right."""
+    from csr_vllm import kv_budget as kb
+    from csr_vllm.codec.config import get_preset
+
+    if not kb.is_cpu_build():
+        return None
+    slot = get_preset(preset).config_for(shape.head_dim).slot_bytes()
+    needs = kb.PoolNeeds(
+        process_bytes=kb.process_bytes(model), side_bytes=side_bytes,
+        bytes_per_token=slot * shape.num_kv_heads * shape.num_layers,
+        max_model_len=kb.int_flag(vllm_args, "--max-model-len",
+                                  getattr(hf_config, "max_position_embeddings", None) or 8192),
+        max_num_seqs=kb.int_flag(vllm_args, "--max-num-seqs", kb.CPU_DEFAULT_MAX_NUM_SEQS))
+    node, available = kb.node_available_memory()
+    return kb.choose_kv_budget(available, needs, kb.user_override(vllm_args, environ),
+                               where=f"NUMA node {node}")
 
 
 def cmd_ruler(args: argparse.Namespace) -> None:
@@ -162,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="prepare the default model + dictionary and serve it "
                         "with CSR through vLLM's OpenAI server")
     sv.add_argument("--model", help="HF model folder (default: the default model)")
+    sv.add_argument("--dict", help="dictionary folder (default: the default dictionary of the "
+                    "model, trained on first use)")
     sv.add_argument("--preset", default="csr-2b", choices=sorted(PRESETS))
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
