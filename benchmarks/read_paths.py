@@ -1,14 +1,21 @@
-"""Decode attention read paths on this machine: dense bf16 vs CSR reconstruct vs CSR sparse.
+"""Decode step of one attention layer on this machine: dense bf16 vs CSR, native and reference.
 
-    python benchmarks/read_paths.py [--preset csr-2b] [--contexts 512,2048,8192] [--batch 4]
+    python benchmarks/read_paths.py [--preset csr-2b] [--contexts 512,2048,8192,32768]
+        [--batches 1,16] [--kernels native,reference] [--reference-max-tokens 65536]
 
 One attention layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64,
-block 128) decoding ``--batch`` sequences of each context length, through the real code:
-vLLM's CPU kernel over bf16 pages (dense), and CSRAttentionImpl.forward over CSR pages with
-``reconstruct`` and with ``sparse`` decode rows; ``write`` is the step's other half, coding
-the ``--batch`` new tokens' K and V into their slots (vLLM's dense path copies them). Codes are
-random valid codes of the preset (speed does not depend on their values). Medians over ``--repeats``; the ratios are taken
-within this one run. Writes ``OUT/read_paths.json`` and ``OUT/read_paths.md``.
+block 128) decoding each batch of sequences at each context length, through the real code:
+vLLM's CPU kernel over bf16 pages (``dense``), and CSRAttentionImpl.forward over CSR pages for
+each ``--kernels`` (``native``: csr_vllm.native; ``reference``: the PyTorch codec) with decode
+rows on the ``sparse`` path (attention from the pages) and on ``reconstruct`` (pages decoded
+into a dense scratch for vLLM's kernel); ``write`` is the step's other half, coding the batch's
+new tokens' K and V into their slots. Codes are random valid codes of the preset (every atom
+equally likely: the dictionary's cache behaviour is the worst case). The reference is timed
+only while batch x context <= ``--reference-max-tokens`` (it takes seconds beyond). Achieved
+rates: ``dense GB/s`` = bf16 K/V bytes read / time; ``native GFLOP/s`` = the codec's
+arithmetic (2 x atoms x D per vector for rebuilding K and V, plus attention's 4 x D x G).
+Medians over ``--repeats``; ratios are within this one run. Writes ``OUT/read_paths.json``
+and ``OUT/read_paths.md``.
 """
 
 from __future__ import annotations
@@ -59,8 +66,9 @@ def bench(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_context(t: int, b: int, repeats: int, dicts: DictionarySet, impl, layer, isa: str,
-                    gen: torch.Generator) -> dict:
+def measure_context(t: int, b: int, repeats: int, one_layer: DictionarySet, impl, layer,
+                    isa: str, gen: torch.Generator, kernels_list: list[str],
+                    reference_max: int) -> dict:
     """Median times of one decode step of one layer, batch ``b`` at context ``t``."""
     nb = -(-t // BS)
     block_table = torch.randperm(b * nb, generator=gen).reshape(b, nb).to(torch.int32)
@@ -92,11 +100,17 @@ def measure_context(t: int, b: int, repeats: int, dicts: DictionarySet, impl, la
             v_scale=1.0, kv_cache_dtype="auto")
 
     row = {"context": t, "batch": b, "dense_ms": 1e3 * bench(run_dense, repeats)}
-    for path in ("reconstruct", "sparse"):
-        runtime = CSRRuntime(dicts, CSRSettings(read_path=path), BS, DTYPE)
-        first = next(iter(runtime.codecs))  # one layer is timed: drop the others' codecs
-        runtime.codecs = {first: runtime.codecs[first]}
-        pages = random_pages(runtime, b * nb, gen)
+    row["dense_GBps"] = b * t * H * 2 * D * 2 / row["dense_ms"] / 1e6
+    pages = None
+    for kernels, path in [(k, p) for k in kernels_list for p in ("sparse", "reconstruct")]:
+        if kernels == "reference" and b * t > reference_max:
+            continue
+        runtime = CSRRuntime(one_layer, CSRSettings(read_path=path, kernels=kernels), BS, DTYPE)
+        first = next(iter(runtime.codecs))
+        if kernels == "native" and runtime.native is None:
+            raise SystemExit(f"native kernels unavailable: {runtime.native_off}")
+        if pages is None:
+            pages = random_pages(runtime, b * nb, gen)
 
         def run_csr(runtime=runtime, pages=pages, path=path):
             plan = runtime.plan(block_table, seq_lens, qsl, slot_mapping,
@@ -107,12 +121,16 @@ def measure_context(t: int, b: int, repeats: int, dicts: DictionarySet, impl, la
                 scheduler_metadata=sched, csr_plan=plan, csr_runtime=runtime)
             impl.forward(layer, query, key, value, pages, meta, out)
 
-        row[f"{path}_ms"] = 1e3 * bench(run_csr, repeats)
-        if path == "reconstruct":  # the step's other half: coding its b new tokens' K and V
+        row[f"{kernels}_{path}_ms"] = 1e3 * bench(run_csr, repeats)
+        if path == "sparse":  # the step's other half: coding its b new tokens' K and V
             plan = runtime.plan(block_table, seq_lens, qsl, slot_mapping)
-            row["write_ms"] = 1e3 * bench(
+            row[f"{kernels}_write_ms"] = 1e3 * bench(
                 lambda runtime=runtime, pages=pages, plan=plan, first=first: runtime.write(
                     first, plan, key, value, pages, slot_mapping), repeats)
+        if kernels == "native" and path == "sparse":
+            kc, vc = runtime.codecs[first].keys[0].config, runtime.codecs[first].values[0].config
+            flops = b * t * H * 2 * D * (kc.atoms_per_chunk + vc.atoms_per_chunk + 2 * HQ // H)
+            row["native_GFLOPs"] = flops / row["native_sparse_ms"] / 1e6
     return row
 
 
@@ -121,8 +139,11 @@ def main() -> None:
     p.add_argument("--dict", help="dictionary folder (default: the default dictionary)")
     p.add_argument("--preset", default="csr-2b",
                    help="a preset, or one with other coefficients (csr-2b+coef=fp8)")
-    p.add_argument("--contexts", default="512,2048,8192")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--contexts", default="512,2048,8192,32768")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--kernels", default="native,reference")
+    p.add_argument("--reference-max-tokens", type=int, default=65536)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
@@ -140,6 +161,9 @@ def main() -> None:
         p.error("--preset takes a preset, optionally with +coef=/+vcoef= (e.g. csr-2b+coef=fp8)")
     # make_method applies the preset (and any coefficient format option) to the dictionary.
     dicts = make_method(args.preset, args.dict).dicts
+    one_layer = dicts.shard(layers=(0, 1))  # one layer is timed
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     cfg = types.SimpleNamespace(model_config=types.SimpleNamespace(dtype=DTYPE))
     with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: cfg):
@@ -149,26 +173,35 @@ def main() -> None:
                                   _csr_layer_index=0)
 
     rows = []
-    for t in [int(x) for x in args.contexts.split(",")]:
-        row = measure_context(t, args.batch, args.repeats, dicts, impl, layer, isa, gen)
-        row["reconstruct_vs_dense"] = row["reconstruct_ms"] / row["dense_ms"]
-        row["sparse_vs_dense"] = row["sparse_ms"] / row["dense_ms"]
-        row["sparse_vs_reconstruct"] = row["sparse_ms"] / row["reconstruct_ms"]
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+    kernels_list = args.kernels.split(",")
+    for b in [int(x) for x in args.batches.split(",")]:
+        for t in [int(x) for x in args.contexts.split(",")]:
+            row = measure_context(t, b, args.repeats, one_layer, impl, layer, isa, gen,
+                                  kernels_list, args.reference_max_tokens)
+            for k in [k for k in row if k.endswith("_ms") and k != "dense_ms"]:
+                row[k[:-3] + "_vs_dense"] = row[k] / row["dense_ms"]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "read_paths.json").write_text(json.dumps({"preset": args.preset, "rows": rows},
-                                                        indent=1))
-    lines = [f"| context | batch | dense ms | {args.preset} reconstruct ms | sparse ms | "
-             "write ms | reconstruct / dense | sparse / dense | sparse / reconstruct |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    meta = {"preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
+    (out_dir / "read_paths.json").write_text(json.dumps(meta, indent=1))
+
+    def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:
+        return fmt.format(r[key]) if key in r else "-"
+
+    lines = [f"| context | batch | dense ms | dense GB/s | {args.preset} native sparse ms | "
+             "native / dense | native GFLOP/s | native reconstruct ms | native write ms | "
+             "reference sparse ms | reference reconstruct ms | reference write ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['context']} | {r['batch']} | {r['dense_ms']:.2f} | "
-                     f"{r['reconstruct_ms']:.2f} | {r['sparse_ms']:.2f} | {r['write_ms']:.2f} | "
-                     f"{r['reconstruct_vs_dense']:.1f}x | {r['sparse_vs_dense']:.1f}x | "
-                     f"{r['sparse_vs_reconstruct']:.2f}x |")
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['dense_ms']:.2f} | {r['dense_GBps']:.1f} | "
+            f"{cell(r, 'native_sparse_ms')} | {cell(r, 'native_sparse_vs_dense', '{:.2f}x')} | "
+            f"{cell(r, 'native_GFLOPs', '{:.1f}')} | {cell(r, 'native_reconstruct_ms')} | "
+            f"{cell(r, 'native_write_ms')} | {cell(r, 'reference_sparse_ms')} | "
+            f"{cell(r, 'reference_reconstruct_ms')} | {cell(r, 'reference_write_ms')} |")
     table = "\n".join(lines) + "\n"
     (out_dir / "read_paths.md").write_text(table)
     print(table)

@@ -90,6 +90,54 @@ inline void unpack(const uint8_t* slot, const Format& f, const float* ladder, in
   }
 }
 
+// A tensor's code reader for one op call: fields read straight from the slot with 64-bit
+// loads (a local copy only where a load could pass the end of the cache), coefficients through
+// a table (S x 2^B entries for logB, 256 for fp8) instead of branches per field.
+struct Decoder {
+  Format f;
+  std::vector<float> lut;
+  int64_t lut_stride = 0;  // entries per pursuit position (0: one table for all)
+  uint64_t cmask, imask;
+  const float* ladder;
+  int64_t m;
+
+  Decoder(const Format& fm, const float* lad, int64_t mm) : f(fm), ladder(lad), m(mm) {
+    cmask = (uint64_t(1) << f.coef_bits) - 1;
+    imask = (uint64_t(1) << f.index_bits) - 1;
+    if (f.kind == 2) {
+      lut_stride = int64_t(1) << f.coef_bits;
+      lut.resize(f.atoms * lut_stride);
+      for (int64_t s = 0; s < f.atoms; ++s)
+        for (int64_t c = 0; c < lut_stride; ++c) lut[s * lut_stride + c] = coef_value(f, uint32_t(c), s, ladder, m);
+    } else if (f.kind == 1) {
+      lut.resize(256);
+      for (int c = 0; c < 256; ++c) lut[c] = coef_value(f, uint32_t(c), 0, ladder, m);
+    }
+  }
+
+  // code: the slot's first byte + f.offset; end: one past the last byte of the cache.
+  inline void unpack(const uint8_t* code, const uint8_t* end, Code& out) const {
+    uint8_t buf[kMaxCodeBytes + 8];
+    const uint8_t* src = code;
+    if (code + f.bytes + 8 > end) {
+      std::memcpy(buf, code, f.bytes);
+      std::memset(buf + f.bytes, 0, 8);
+      src = buf;
+    }
+    const int64_t ib = f.atoms * f.coef_bits;
+    for (int64_t s = 0; s < f.atoms; ++s) {
+      uint64_t w;
+      const int64_t cbit = s * f.coef_bits, ibit = ib + s * f.index_bits;
+      std::memcpy(&w, src + (cbit >> 3), 8);
+      const uint32_t c = static_cast<uint32_t>((w >> (cbit & 7)) & cmask);
+      std::memcpy(&w, src + (ibit >> 3), 8);
+      out.idx[s] = static_cast<int32_t>((w >> (ibit & 7)) & imask);
+      out.coef[s] = f.kind == 0 ? static_cast<float>(c10::Half(static_cast<uint16_t>(c), c10::Half::from_bits()))
+                                : lut[s * lut_stride + c];
+    }
+  }
+};
+
 // Quantise coefficient c of pursuit position s: returns the stored value, sets the field.
 inline float quantize(const Format& f, float c, int64_t s, const float* ladder, int64_t m,
                       uint32_t& code) {
@@ -625,6 +673,8 @@ struct Rows {
 // Everything one work item of decode attention reads, as raw pointers.
 struct AttnArgs {
   Format fk, fv;
+  const Decoder *dk, *dv;
+  const uint8_t* cache_end;
   const float *q, *ka, *va, *klp, *vlp, *cos, *sin;
   int64_t mk, mv, h, g, d, bs, cb, hq, wlen, table_cols;
   const uint8_t* cache;
@@ -662,6 +712,12 @@ inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
 template <int D, typename T>
@@ -722,15 +778,36 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
   const int64_t* trow = A.tab + i * A.table_cols;
   auto slot_of = [&](int64_t p) { return A.cache + ((trow[p / bs] * h + head) * bs + p % bs) * A.cb; };
   VecD<D> k, v;
+  // A tile's codes are unpacked first and every atom row they address is prefetched, so the
+  // random gathers of the dictionary overlap instead of stalling one by one.
+  static thread_local Code kcodes[kT], vcodes[kT];
+  const float* kexact[kT];
+  const float* vexact[kT];
+  alignas(64) float vbufs[kT][D];
   for (int64_t p0 = t0; p0 < t1; p0 += kT) {
     const int64_t tn = std::min(kT, t1 - p0);
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
-      if (const float* e = exact(p, 0)) {
-        load_v<D>(e, k);
+      kexact[x] = exact(p, 0);
+      if (kexact[x]) {  // exact rows live in ebuf: copy before the next exact() call
+        std::copy(kexact[x], kexact[x] + D, vbufs[x]);
+        kexact[x] = vbufs[x];
+      }
+      vexact[x] = nullptr;
+      if (!kexact[x]) {
+        const uint8_t* slot = slot_of(p);
+        A.dk->unpack(slot + A.fk.offset, A.cache_end, kcodes[x]);
+        A.dv->unpack(slot + A.fv.offset, A.cache_end, vcodes[x]);
+        for (int64_t s = 0; s < A.fk.atoms; ++s) prefetch_row(ka + int64_t(kcodes[x].idx[s]) * D, D);
+        for (int64_t s = 0; s < A.fv.atoms; ++s) prefetch_row(va + int64_t(vcodes[x].idx[s]) * D, D);
+      }
+    }
+    for (int64_t x = 0; x < tn; ++x) {
+      const int64_t p = p0 + x;
+      if (kexact[x]) {
+        load_v<D>(kexact[x], k);
       } else {
-        unpack(slot_of(p), A.fk, A.klp, A.mk, code);
-        rebuild_v<D>(code, A.fk.atoms, ka, k);
+        rebuild_v<D>(kcodes[x], A.fk.atoms, ka, k);
         if (A.apply) rope_v<D>(k, A.cos + p * D, A.sin + p * D);
       }
       for (int64_t y = 0; y < g; ++y) {
@@ -758,11 +835,10 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
     }
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
-      if (const float* e = exact(p, 1)) {
-        load_v<D>(e, v);
+      if (kexact[x] && (vexact[x] = exact(p, 1))) {  // a token is exact for K and V alike
+        load_v<D>(vexact[x], v);
       } else {
-        unpack(slot_of(p), A.fv, A.vlp, A.mv, code);
-        rebuild_v<D>(code, A.fv.atoms, va, v);
+        rebuild_v<D>(vcodes[x], A.fv.atoms, va, v);
       }
       for (int64_t y = 0; y < g; ++y) {
         const __m512 e = _mm512_set1_ps(scores[y * kT + x]);
@@ -830,7 +906,8 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   const int64_t* tab = table.data_ptr<int64_t>();
   const float sc = static_cast<float>(scale);
 
-  AttnArgs args{fk, fv, q.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(), klp, vlp,
+  const Decoder dk(fk, klp, mk), dv(fv, vlp, mv);
+  AttnArgs args{fk, fv, &dk, &dv, cache + kv_cache.numel(), q.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(), klp, vlp,
                 apply ? cos.data_ptr<float>() : nullptr, apply ? sin.data_ptr<float>() : nullptr,
                 mk, mv, h, g, d, bs, cb, hq, wlen, table.size(1), cache, tab,
                 lens.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
