@@ -1,6 +1,7 @@
-"""KV capacity and decode speed through vLLM: bf16 vs each CSR preset at the same KV budget.
+"""KV capacity and speed through vLLM: bf16 vs each CSR preset at the same KV budget.
 
     python benchmarks/capacity.py [--kv-space-gib 1] [--batch 4] [--repeats 3]
+        [--contexts 1024,8192] [--kernels native|reference]
 
 Each method runs in its own engine process (same ``VLLM_CPU_KVCACHE_SPACE``), and reports:
 
@@ -11,7 +12,11 @@ Each method runs in its own engine process (same ``VLLM_CPU_KVCACHE_SPACE``), an
 * for ``--speed-methods``: decode tokens/s at batch 1 and at ``--batch`` (requests of
   ``--prompt-tokens`` held-out tokens, ``--decode-tokens`` generated; decode time =
   time(n tokens) - time(1 token), median over ``--repeats``; repeated prompts hit vLLM's prefix
-  cache, so the prefill is paid once), and the CSR/bf16 ratio from this one run.
+  cache, so the prefill is paid once), and the CSR/bf16 ratio from this one run;
+* for ``--speed-methods`` and each of ``--contexts``: one request of that many held-out tokens,
+  its TTFT (a fresh prompt each repeat, so the prefix cache cannot serve it: the time of a
+  1-token generation) and its decode tokens/s (``--decode-tokens`` more: time(n + 1 tokens) -
+  time(1 token) of the same prompt, now prefix-cached), medians over ``--repeats``.
 
 Writes ``OUT/capacity.json`` and ``OUT/capacity.md``.
 """
@@ -45,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--read-path", default="auto", choices=["auto", "reconstruct", "sparse"])
+    p.add_argument("--kernels", default="native", choices=["native", "reference"])
+    p.add_argument("--contexts", default="",
+                   help="single-request TTFT / decode speed at these prompt lengths (e.g. "
+                   "1024,8192; empty: none)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--render", help="print the table of an existing capacity.json")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one method
@@ -60,10 +69,13 @@ def run_method(args: argparse.Namespace) -> dict:
     from csr_vllm.data.corpora import corpus_file
 
     method = args.worker
-    kw = {"max_model_len": 2048, "enforce_eager": True, "seed": 0}
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    kw = {"max_model_len": max([2048, *[c + args.decode_tokens + 16 for c in contexts]]),
+          "enforce_eager": True, "seed": 0}
     if method != "bf16":
         kw["additional_config"] = {"kv_cache_backend": "csr", "csr": {
-            "dict": args.dict, "preset": method, "read_path": args.read_path}}
+            "dict": args.dict, "preset": method, "read_path": args.read_path,
+            "kernels": args.kernels}}
     llm = LLM(args.model, **kw)
     cache = llm.llm_engine.vllm_config.cache_config
     res = {"method": method, "num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
@@ -84,6 +96,28 @@ def run_method(args: argparse.Namespace) -> dict:
 
     if method not in args.speed_methods.split(","):
         return res
+    start = args.batch * n
+    for c in contexts:  # one request: TTFT and decode speed at context c
+        ttft, decode = [], []
+        for r in range(args.repeats + 1):  # the first is a warm-up
+            prompt = [TokensPrompt(prompt_token_ids=ids[start:start + c])]
+            start += c
+
+            def run(tokens: int, prompt=prompt) -> float:
+                sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
+                t = time.perf_counter()
+                llm.generate(prompt, sp, use_tqdm=False)
+                return time.perf_counter() - t
+
+            first = run(1)  # a fresh prompt: the whole prefill (TTFT)
+            cached = run(1)  # again: the prefix cache serves all but the last block
+            full = run(args.decode_tokens + 1)
+            if r:
+                ttft.append(first)
+                decode.append(args.decode_tokens / max(full - cached, 1e-9))
+        res[f"ttft_s_{c}"] = statistics.median(ttft)
+        res[f"decode_tok_s_{c}"] = statistics.median(decode)
+        res[f"ttft_s_{c}_all"], res[f"decode_tok_s_{c}_all"] = ttft, decode
     for batch in (1, args.batch):
         timed(batch, 2)  # warm-up
         per = []
@@ -100,7 +134,8 @@ def main() -> None:
     args = parse_args()
     if args.render:  # re-render the table from a results file
         data = json.loads(Path(args.render).read_text())
-        print(render(data["results"], data["settings"]["batch"], data["settings"]["kv_space_gib"]))
+        print(render(data["results"], data["settings"]["batch"], data["settings"]["kv_space_gib"])
+              + render_contexts(data["results"]))
         return
     resolve_model_and_dict(args)
     if serve_as_worker(args, run_method):
@@ -119,16 +154,37 @@ def main() -> None:
         for b in (1, args.batch):
             if f"decode_tok_s_b{b}" in r and f"decode_tok_s_b{b}" in bf16:
                 r[f"speed_ratio_b{b}"] = r[f"decode_tok_s_b{b}"] / bf16[f"decode_tok_s_b{b}"]
+        for c in [int(c) for c in args.contexts.split(",") if c]:
+            if f"ttft_s_{c}" in r and f"ttft_s_{c}" in bf16:
+                r[f"ttft_ratio_{c}"] = r[f"ttft_s_{c}"] / bf16[f"ttft_s_{c}"]
+                r[f"decode_ratio_{c}"] = r[f"decode_tok_s_{c}"] / bf16[f"decode_tok_s_{c}"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {k: getattr(args, k) for k in ("kv_space_gib", "batch", "prompt_tokens",
-                                         "decode_tokens", "repeats", "read_path",
-                                         "speed_methods")}
+                                         "decode_tokens", "repeats", "read_path", "kernels",
+                                         "contexts", "speed_methods")}
     (out / "capacity.json").write_text(json.dumps({"settings": meta, "results": results},
                                                   indent=1))
-    table = render(results, args.batch, args.kv_space_gib)
+    table = render(results, args.batch, args.kv_space_gib) + render_contexts(results)
     (out / "capacity.md").write_text(table)
     print(table)
+
+
+def render_contexts(results: list[dict]) -> str:
+    """Single-request TTFT and decode speed per context (empty when none was measured)."""
+    cs = sorted({int(k.split("_")[-1]) for r in results for k in r
+                 if k.startswith("ttft_s_") and not k.endswith("_all")})
+    if not cs:
+        return ""
+    lines = ["", "| method | context | TTFT s | CSR/bf16 TTFT | decode tok/s | CSR/bf16 decode |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        for c in cs:
+            if f"ttft_s_{c}" in r:
+                lines.append(f"| {r['method']} | {c} | {r[f'ttft_s_{c}']:.2f} | "
+                             f"{r.get(f'ttft_ratio_{c}', 1.0):.2f} | "
+                             f"{r[f'decode_tok_s_{c}']:.1f} | {r.get(f'decode_ratio_{c}', 1.0):.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def render(results: list[dict], batch: int, gib: int) -> str:

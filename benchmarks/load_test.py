@@ -1,11 +1,15 @@
-"""Load test through vLLM's OpenAI server: bf16 vs CSR at the same KV memory budget.
+"""Load test through vLLM's OpenAI server: bf16 vs CSR at the same total KV memory.
 
     python benchmarks/load_test.py [--budget-mib 56] [--methods bf16,csr-1b]
-        [--levels 1,2,4,8,16] [--prompt-tokens 1024] [--output-tokens 64]
+        [--levels 1,2,4,8,16] [--prompt-tokens 1024] [--output-tokens 64] [--same-pool]
     python benchmarks/load_test.py --render benchmarks/results/load_test.json
 
-For each method one ``vllm serve`` (same ``--kv-cache-memory-bytes``, prefix caching off so
-every request pays for its own KV) is driven by vLLM's own benchmark client, ``vllm bench
+Every CSR server gets a ``--budget-mib`` KV pool; CSR also holds memory outside it (its
+dictionaries, the dense-window Guard, the native kernels' tables: ``side_bytes`` of
+``/csr/stats``), so bf16's pool is ``--budget-mib`` plus the largest CSR side memory measured:
+the same total memory (``--same-pool``: every server the same pool, the older comparison). The
+CSR servers run first so their side memory is known. For each method one ``vllm serve``
+(prefix caching off so every request pays for its own KV) is driven by vLLM's own benchmark client, ``vllm bench
 serve``, with the same workload: long prompts cut from held-out text (the Paul Graham essays,
 never used for dictionary training), ``--output-tokens`` each, at each offered concurrency
 level (``--max-concurrency L``, ``2 L`` requests, all sent at once). A sampler polls vLLM's
@@ -47,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--text", default="eval-essays", help="held-out corpus name")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--same-pool", action="store_true",
+                   help="give bf16 the CSR pool only (not the pool plus CSR's side memory)")
     p.add_argument("--render", help="print the table and redraw the plot of a load_test.json")
     return p.parse_args(argv)
 
@@ -115,8 +121,8 @@ class Sampler(threading.Thread):
 
 
 # -- one server -------------------------------------------------------------------------------
-def server_flags(method: str, args: argparse.Namespace, dict_dir: str, max_len: int) -> list[str]:
-    flags = ["--kv-cache-memory-bytes", str(args.budget_mib * MIB), "--max-model-len",
+def server_flags(method: str, pool_bytes: int, dict_dir: str, max_len: int) -> list[str]:
+    flags = ["--kv-cache-memory-bytes", str(pool_bytes), "--max-model-len",
              str(max_len), "--no-enable-prefix-caching", "--max-num-seqs", "64",
              "--served-model-name", "model", "--enforce-eager"]
     if method != "bf16":
@@ -160,13 +166,14 @@ def bench_level(base: str, model: Path, dataset: Path, level: int, n: int, out_t
 
 
 def run_method(method: str, args: argparse.Namespace, model: Path, dict_dir: str,
-               dataset: Path, levels: list[int], max_len: int, tmp: Path) -> dict:
+               dataset: Path, levels: list[int], max_len: int, tmp: Path,
+               pool_bytes: int) -> dict:
     from tqdm import tqdm
 
     from csr_vllm.server.launch import ServerProcess, get_json
 
     env = {"TOKENIZERS_PARALLELISM": "false"}
-    with ServerProcess(str(model), server_flags(method, args, dict_dir, max_len), env) as srv:
+    with ServerProcess(str(model), server_flags(method, pool_bytes, dict_dir, max_len), env) as srv:
         stats = get_json(srv.base + "/csr/stats") if method != "bf16" else None
         rows = []
         for level in tqdm(levels, desc=method, unit="level"):
@@ -176,7 +183,9 @@ def run_method(method: str, args: argparse.Namespace, model: Path, dict_dir: str
     tokens = next((int(ln.split("CPU KV cache size:")[1].split("tokens")[0].replace(",", ""))
                    for ln in log.splitlines() if "CPU KV cache size:" in ln), None)
     held = max((r["max_running"] for r in rows if r["preemptions"] == 0), default=0)
+    side = sum(stats["side_bytes"].values()) if stats else 0
     return {"method": method, "kv_capacity_tokens": tokens, "levels": rows,
+            "pool_mib": pool_bytes / MIB, "total_mib": (pool_bytes + side) / MIB,
             "held_without_preemption": held,
             "kv_bytes_per_token": stats["kv_bytes_per_token"] if stats else None,
             "dense_bytes_per_token": stats["dense_equivalent_bytes_per_token"] if stats else None,
@@ -185,51 +194,61 @@ def run_method(method: str, args: argparse.Namespace, model: Path, dict_dir: str
 
 # -- report -----------------------------------------------------------------------------------
 def table(res: dict) -> str:
-    lines = [f"KV budget {res['budget_mib']} MiB per server; prompts of ~{res['prompt_tokens']} "
+    memory = ("the same KV pool for every server" if res.get("same_pool", True) else
+              "the same total memory: bf16's pool is CSR's plus CSR's side memory")
+    lines = [f"CSR KV pool {res['budget_mib']} MiB, {memory}; prompts of ~{res['prompt_tokens']} "
              f"held-out tokens, {res['output_tokens']} output tokens each; vLLM {res['vllm']}.",
              "",
-             "| method | KV capacity (tokens) | held w/o preemption | offered | done/sent | "
+             "| method | pool MiB | pool + side MiB | KV capacity (tokens) | held w/o preemption | offered | done/sent | "
              "max running | max waiting | preemptions | out tok/s | TTFT p50 (s) | "
              "TPOT p50 (ms) | TPOT p99 (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in res["methods"]:
         for r in m["levels"]:
+            pool = m.get("pool_mib", res["budget_mib"])
             lines.append(
-                f"| {m['method']} | {m['kv_capacity_tokens'] or '?':,} | "
+                f"| {m['method']} | {pool:.0f} | {m.get('total_mib', pool):.0f} | "
+                f"{m['kv_capacity_tokens'] or '?':,} | "
                 f"{m['held_without_preemption']:.0f} | {r['level']} | "
                 f"{r['completed']}/{r['requests']} | {r['max_running']:.0f} | "
                 f"{r['max_waiting']:.0f} | {r['preemptions']:.0f} | "
                 f"{r['output_tokens_per_s']:.1f} | {r['ttft_median_ms'] / 1e3:.2f} | "
                 f"{r['tpot_median_ms']:.0f} | {r['tpot_p99_ms']:.0f} |")
-    s = res.get("summary", {})
-    if s:
-        lines += ["", f"Held without preemption: CSR {s['held_csr']:.0f} vs bf16 "
+    summary = res.get("summary", {})
+    if "held_csr" in summary:  # a file written before per-method summaries
+        summary = {summary.get("csr_method", "csr"): summary}
+    for name, s in summary.items():
+        lines += ["", f"{name}: held without preemption {s['held_csr']:.0f} vs bf16 "
                       f"{s['held_bf16']:.0f} requests ({s['held_ratio']:.1f}x). Output tokens/s "
-                      f"at the highest level: CSR {s['tput_csr']:.1f} vs bf16 {s['tput_bf16']:.1f} "
+                      f"at the highest level: {s['tput_csr']:.1f} vs bf16 {s['tput_bf16']:.1f} "
                       f"({s['tput_ratio']:.2f}x). Single-request decode speed CSR/bf16 "
                       f"(1 / TPOT p50 at concurrency 1): {s['decode_speed_ratio']:.2f}."]
     return "\n".join(lines)
 
 
 def summarise(res: dict) -> dict:
+    """Per CSR method against bf16: requests held, top-level throughput, single decode."""
     by = {m["method"]: m for m in res["methods"]}
     if "bf16" not in by or len(by) < 2:
         return {}
-    csr = next(m for name, m in by.items() if name != "bf16")
-    b, c = by["bf16"], csr
-    top_b, top_c = b["levels"][-1], c["levels"][-1]
-    one_b = next(r for r in b["levels"] if r["level"] == 1) if any(
-        r["level"] == 1 for r in b["levels"]) else None
-    one_c = next((r for r in c["levels"] if r["level"] == 1), None)
-    return {
-        "csr_method": c["method"],
-        "held_bf16": b["held_without_preemption"], "held_csr": c["held_without_preemption"],
-        "held_ratio": c["held_without_preemption"] / max(b["held_without_preemption"], 1),
-        "tput_bf16": top_b["output_tokens_per_s"], "tput_csr": top_c["output_tokens_per_s"],
-        "tput_ratio": top_c["output_tokens_per_s"] / top_b["output_tokens_per_s"],
-        "decode_speed_ratio": (one_b["tpot_median_ms"] / one_c["tpot_median_ms"]
-                               if one_b and one_c else float("nan")),
-    }
+    b = by["bf16"]
+    one_b = next((r for r in b["levels"] if r["level"] == 1), None)
+    out = {}
+    for name, c in by.items():
+        if name == "bf16":
+            continue
+        top_b, top_c = b["levels"][-1], c["levels"][-1]
+        one_c = next((r for r in c["levels"] if r["level"] == 1), None)
+        out[name] = {
+            "held_bf16": b["held_without_preemption"], "held_csr": c["held_without_preemption"],
+            "held_ratio": c["held_without_preemption"] / max(b["held_without_preemption"], 1),
+            "tput_bf16": top_b["output_tokens_per_s"], "tput_csr": top_c["output_tokens_per_s"],
+            "tput_ratio": top_c["output_tokens_per_s"] / top_b["output_tokens_per_s"],
+            "preemptions_csr": sum(r["preemptions"] for r in c["levels"]),
+            "decode_speed_ratio": (one_b["tpot_median_ms"] / one_c["tpot_median_ms"]
+                                   if one_b and one_c else float("nan")),
+        }
+    return out
 
 
 def plot(res: dict, path: Path) -> None:
@@ -295,11 +314,18 @@ def main() -> None:
     dataset = tmp / "prompts.jsonl"
     longest = write_prompts(model, args.text, n_max, args.prompt_tokens, dataset)
     max_len = longest + args.output_tokens + 16
-    methods = [run_method(m, args, model, dict_dir, dataset, levels, max_len, tmp)
-               for m in args.methods.split(",")]
+    names = args.methods.split(",")
+    methods = []
+    for m in sorted(names, key=lambda m: m == "bf16"):  # CSR first: its side memory is known
+        pool = args.budget_mib * MIB
+        if m == "bf16" and not args.same_pool:
+            pool += max((sum(r["side_bytes"].values()) for r in methods), default=0)
+        methods.append(run_method(m, args, model, dict_dir, dataset, levels, max_len, tmp, pool))
+    methods.sort(key=lambda r: names.index(r["method"]))
     dense = next((m["dense_bytes_per_token"] for m in methods if m["dense_bytes_per_token"]),
                  None)
-    res = {"budget_mib": args.budget_mib, "prompt_tokens": args.prompt_tokens,
+    res = {"budget_mib": args.budget_mib, "same_pool": args.same_pool,
+           "prompt_tokens": args.prompt_tokens,
            "output_tokens": args.output_tokens, "levels": levels, "vllm": vllm.__version__,
            "text": args.text, "dense_bytes_per_token": dense, "methods": methods,
            "command": "python benchmarks/load_test.py " + " ".join(sys.argv[1:])}
