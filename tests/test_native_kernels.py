@@ -44,7 +44,9 @@ def ladder_of(codec: TensorCodec) -> torch.Tensor:
 
 
 def correlation_layouts() -> list[str]:
-    return ["fp32", "bf16"] if OPS is not None and OPS.isa() == "avx512_bf16" else ["fp32"]
+    """The correlation tables this build takes (fp32 always; bf16 / int8 per instruction set)."""
+    isa = OPS.isa() if OPS is not None else ""
+    return ["fp32"] + ["bf16"] * ("bf16" in isa) + ["int8"] * ("vnni" in isa)
 
 
 def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor | None,
@@ -58,11 +60,9 @@ def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor |
     if positions is not None:
         cos, sin = rope_tables(d, THETA, torch.arange(int(positions.max()) + 1))
     atoms = codec.atoms[0]
-    a = atoms.shape[0]
-    atoms_t = atoms.t().contiguous() if layout == "fp32" else \
-        atoms.to(torch.bfloat16).reshape(a, d // 2, 2).permute(1, 0, 2).contiguous()
+    atoms_t, corr_scale = native.correlation_table(atoms, layout)
     err = OPS.encode_store(x, positions if positions is not None else torch.zeros(n, dtype=torch.long),
-                           cos, sin, atoms, atoms_t, ladder_of(codec), cache,
+                           cos, sin, atoms, atoms_t, corr_scale, ladder_of(codec), cache,
                            torch.arange(n), native.format_ints(cfg, offset), cfg.pursuit == "omp",
                            positions is not None)
     return cache[:, :, 0], err
@@ -90,12 +90,13 @@ def test_encode_store_equals_the_reference_pursuit(gen, d, coef, s, pursuit, lay
     assert (err > 0.05).all()  # a real (lossy) code: the comparison is not vacuous
 
 
-def test_encode_store_undoes_rope_and_writes_only_its_bytes(gen):
+@pytest.mark.parametrize("layout", correlation_layouts())
+def test_encode_store_undoes_rope_and_writes_only_its_bytes(gen, layout):
     d = 64
     codec = make_codec(gen, d, 512, 5, "log5")
     x = torch.randn(30, 2, d, generator=gen)
     pos = torch.randint(0, 4000, (30,), generator=gen)
-    slots, _ = encode_native(codec, x.to(torch.bfloat16), pos, offset=3, extra=2)
+    slots, _ = encode_native(codec, x.to(torch.bfloat16), pos, offset=3, extra=2, layout=layout)
     cos, sin = rope_tables(d, THETA, pos)
     pre = undo_rope(x.to(torch.bfloat16).float(), cos[:, None], sin[:, None])
     ref = codec.pack(codec.encode(pre.reshape(-1, d))).reshape(30, 2, -1)
@@ -110,7 +111,7 @@ def test_encode_store_rejects_bad_input(gen):
     atoms = codec.atoms[0]
     args = dict(positions=torch.zeros(4, dtype=torch.long), rope_cos=torch.empty(0),
                 rope_sin=torch.empty(0), atoms=atoms, atoms_t=atoms.t().contiguous(),
-                ladder=torch.empty(0), undo_rope=False)
+                corr_scale=torch.empty(0), ladder=torch.empty(0), undo_rope=False)
     with pytest.raises(RuntimeError, match="fit in the slot"):  # code wider than the slot
         OPS.encode_store(torch.randn(4, 2, 64), kv_cache=cache, slots=torch.arange(4),
                          fmt=native.format_ints(codec.config, 4), omp=True, **args)

@@ -46,9 +46,10 @@ class TensorTables:
 
     Attributes:
         atoms: [A, D] float32 (the reference codec's own tensor, not a copy).
-        atoms_t: the encoder's correlation layout (atoms in SIMD lanes): [D/2, A, 2] bf16
-            channel pairs where the build has AVX512-BF16 dot products (candidates are
-            rescored in fp32), else [D, A] float32.
+        atoms_t, corr_scale: the encoder's correlation table (atoms in SIMD lanes), the
+            fastest this build takes (:func:`csr_vllm.native.best_layout`): int8 channel
+            quads with per-atom scales (AVX512-VNNI), bf16 pairs (AVX512-BF16), or exact
+            fp32; int8 and bf16 candidates are rescored in fp32.
         ladder: [S, M] float32 ladder table of a logB code, else empty.
         fmt: :func:`csr_vllm.native.format_ints` at the tensor's byte offset in the slot.
         omp: OMP (True) or matching pursuit.
@@ -56,24 +57,23 @@ class TensorTables:
 
     atoms: Tensor
     atoms_t: Tensor
+    corr_scale: Tensor
     ladder: Tensor
     fmt: list[int]
     omp: bool
 
     @classmethod
-    def of(cls, codec: TensorCodec, offset: int, bf16_pairs: bool) -> TensorTables:
+    def of(cls, codec: TensorCodec, offset: int, layout: str) -> TensorTables:
         atoms = codec.atoms[0].float().contiguous()
-        a, d = atoms.shape
-        atoms_t = (atoms.to(torch.bfloat16).reshape(a, d // 2, 2).permute(1, 0, 2).contiguous()
-                   if bf16_pairs and d % 2 == 0 else atoms.t().contiguous())
+        atoms_t, corr_scale = native.correlation_table(atoms, layout)
         ladder = codec.ladder_table()
-        return cls(atoms, atoms_t, ladder[0] if ladder is not None else _EMPTY,
+        return cls(atoms, atoms_t, corr_scale, ladder[0] if ladder is not None else _EMPTY,
                    native.format_ints(codec.config, offset), codec.config.pursuit == "omp")
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes beyond the reference's dictionaries (the transposed copy)."""
-        return self.atoms_t.nbytes
+        """Bytes beyond the reference's dictionaries (the correlation table)."""
+        return self.atoms_t.nbytes + self.corr_scale.nbytes
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,9 @@ class NativeKernels:
     def __init__(self, layers: dict, key_bytes: int, head_dim: int, rope_theta: float,
                  pre_rope: bool) -> None:
         self.ops = native.load()
-        pairs = self.ops.isa() == "avx512_bf16"
-        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0, pairs),
-                                          TensorTables.of(c.values[0], key_bytes, pairs))
+        self.layout = native.best_layout(self.ops, head_dim)
+        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0, self.layout),
+                                          TensorTables.of(c.values[0], key_bytes, self.layout))
                        for layer, c in layers.items()}
         self.pre_rope = pre_rope
         self.rope = RopeTable(head_dim, rope_theta)
@@ -128,8 +128,8 @@ class NativeKernels:
         errs = []
         for tab, x, undo in ((t.key, key, self.pre_rope), (t.value, value, False)):
             errs.append(self.ops.encode_store(x, positions, cos, sin, tab.atoms, tab.atoms_t,
-                                              tab.ladder, kv_cache, slots, tab.fmt, tab.omp,
-                                              undo))
+                                              tab.corr_scale, tab.ladder, kv_cache, slots,
+                                              tab.fmt, tab.omp, undo))
         return errs[0], errs[1]
 
     def decode_dense(self, layer: int, kv_cache: Tensor, blocks: Tensor, counts: Tensor,

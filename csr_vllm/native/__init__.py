@@ -7,8 +7,9 @@ and :func:`load` returns None: callers then use the PyTorch reference, never cra
 
 Ops (shapes in the project's notation; formats as :func:`format_ints`):
 
-* ``encode_store(x [N, H, D], positions [N], cos, sin [P, D], atoms [A, D], atoms_t [D, A],
-  ladder [S, M], kv_cache!, slots [N], fmt, omp, undo_rope) -> rel_err [N, H]``
+* ``encode_store(x [N, H, D], positions [N], cos, sin [P, D], atoms [A, D], atoms_t,
+  corr_scale, ladder [S, M], kv_cache!, slots [N], fmt, omp, undo_rope) -> rel_err [N, H]``;
+  ``atoms_t`` the correlation table (:func:`correlation_table`)
 * ``decode_dense(kv_cache, blocks [R], counts [R], pos0 [R], key_fmt, value_fmt, key_atoms,
   key_ladder, value_atoms, value_ladder, cos, sin, apply_rope, out_k!, out_v! [R*BS, H, D])``
 * ``decode_attention(query [N, Hq, D], kv_cache, block_table [B, M], seq_lens [B], rows [B],
@@ -93,8 +94,8 @@ def error() -> str | None:
 
 def _register_fakes() -> None:
     """Shape-only implementations, so traced code (torch.compile) can pass through the ops."""
-    def encode_fake(x, positions, cos, sin, atoms, atoms_t, ladder, kv_cache, slots, fmt, omp,
-                    undo_rope):
+    def encode_fake(x, positions, cos, sin, atoms, atoms_t, corr_scale, ladder, kv_cache, slots,
+                    fmt, omp, undo_rope):
         return x.new_empty(x.shape[:2], dtype=torch.float32)
 
     def nothing(*args, **kwargs):
@@ -130,3 +131,36 @@ def format_ints(config: TensorCodecConfig, byte_offset: int) -> list[int]:
     fmt = config.coef_format
     return [byte_offset, config.atoms_per_chunk, _KINDS[config.coef], fmt.bits,
             config.index_bits, config.slot_bytes, fmt.octaves if fmt.uses_ladder else 0]
+
+
+def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's correlation table of atoms [A, D] float32, and its scale tensor:
+
+    * ``fp32``: [D, A] float32 (exact), no scale;
+    * ``bf16``: [D/2, A, 2] bf16 channel pairs (AVX512-BF16), no scale;
+    * ``int8``: [D/4, A, 4] int8 channel quads (AVX512-VNNI) with [2, A] float32: each atom's
+      scale (its largest magnitude / 127) and the column sums of its int8 entries.
+
+    bf16 and int8 pick candidates that are rescored in fp32 against ``atoms``."""
+    a, d = atoms.shape
+    if layout == "fp32":
+        return atoms.t().contiguous(), torch.empty(0)
+    if layout == "bf16":
+        return atoms.to(torch.bfloat16).reshape(a, d // 2, 2).permute(1, 0, 2).contiguous(), \
+            torch.empty(0)
+    if layout != "int8":
+        raise ValueError(f"unknown correlation layout {layout!r}")
+    scale = atoms.abs().amax(dim=1).clamp_min(1e-30) / 127.0
+    q = torch.round(atoms / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    sums = q.to(torch.int32).sum(dim=1).float()
+    return q.reshape(a, d // 4, 4).permute(1, 0, 2).contiguous(), torch.stack([scale, sums])
+
+
+def best_layout(ops, head_dim: int) -> str:
+    """The fastest correlation layout this build takes for ``head_dim``."""
+    isa = ops.isa()
+    if "vnni" in isa and head_dim % 4 == 0:
+        return "int8"
+    if "bf16" in isa and head_dim % 2 == 0:
+        return "bf16"
+    return "fp32"

@@ -278,13 +278,14 @@ void dispatch_rows(std::integer_sequence<int, Rs...>, int64_t rows, const float*
 }
 #endif
 
+constexpr int kRescore = 4;  // lane winners rescored in fp32 (bf16 / int8 correlation)
+
 #if defined(__AVX512BF16__)
 // bf16 correlation (AVX512-BF16 dot products: two channels per multiply-add, twice the fp32
 // FMA rate, half the dictionary bytes), then the few best candidates rescored in fp32 so the
 // pick is the reference's except where bf16 rounding hides an fp32 near-tie. atoms_t2 is
 // [D/2, A, 2] bf16 (channel pairs of 16 atoms per 64-byte vector); atoms [A, D] fp32.
 constexpr int kBf16Rows = 8;
-constexpr int kRescore = 4;  // lane winners rescored in fp32
 
 template <int R>
 void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const float* atoms,
@@ -348,11 +349,107 @@ void dispatch_rows_bf16(std::integer_sequence<int, Rs...>, int64_t rows, const f
 }
 #endif
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// int8 correlation (VNNI: four channels per multiply-add, a quarter of fp32's dictionary
+// bytes, so a layer's table stays in L2 across the pursuit's picks). Atoms are stored as int8
+// with a scale per atom ([D/4, A, 4] + scale [A] + column sums [A]); each residual row is
+// quantised to u8 with its own scale and an offset of 128 (VNNI multiplies u8 by s8), which
+// the column sums take back out. Candidates are rescored in fp32 as on the bf16 path.
+struct I8Table {
+  const int8_t* q;       // [D/4, A, 4]
+  const float* scale;    // [A]
+  const int32_t* colsum; // [A]
+};
+
+template <int R>
+void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* atoms, int64_t a0,
+                   int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
+  uint32_t quads[R][64];
+  float rscale[R];
+  for (int r = 0; r < R; ++r) {
+    float mx = 0.0f;
+    for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(res[r * d + j]));
+    rscale[r] = mx > 0.0f ? mx / 127.0f : 1.0f;
+    const float inv = 1.0f / rscale[r];
+    for (int64_t j = 0; j < d / 4; ++j) {
+      uint32_t w = 0;
+      for (int b = 0; b < 4; ++b) {
+        const int v = static_cast<int>(std::nearbyint(res[r * d + 4 * j + b] * inv)) + 128;
+        w |= uint32_t(std::min(255, std::max(1, v))) << (8 * b);
+      }
+      quads[r][j] = w;
+    }
+  }
+  __m512 bestv[R];
+  __m512i besti[R];
+  for (int r = 0; r < R; ++r) { bestv[r] = _mm512_set1_ps(-1.0f); besti[r] = _mm512_setzero_si512(); }
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i off = _mm512_set1_epi32(128);
+  int64_t a = a0;
+  for (; a + 16 <= a1; a += 16) {
+    __m512i acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+    const int8_t* col = t8.q + a * 4;
+    for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
+      const __m512i c = _mm512_loadu_si512(col);
+      for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(static_cast<int>(quads[r][j])), c);
+    }
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
+    const __m512i cs = _mm512_mullo_epi32(_mm512_loadu_si512(t8.colsum + a), off);
+    const __m512 sc = _mm512_loadu_ps(t8.scale + a);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_and_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], cs)), sc), absmask);
+      const __mmask16 gt = _mm512_cmp_ps_mask(v, bestv[r], _CMP_GT_OQ);
+      bestv[r] = _mm512_mask_mov_ps(bestv[r], gt, v);
+      besti[r] = _mm512_mask_mov_epi32(besti[r], gt, ids);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(64) float bv[16];
+    alignas(64) int32_t bi[16];
+    _mm512_store_ps(bv, bestv[r]);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
+    int order[16];
+    for (int x = 0; x < 16; ++x) order[x] = x;
+    std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
+    const float* rr = res + r * d;
+    for (int x = 0; x < kRescore; ++x) {
+      if (bv[order[x]] < 0.0f) break;
+      const int32_t id = bi[order[x]];
+      const float v = std::fabs(dot(rr, atoms + int64_t(id) * d, d));
+      if (v > best_abs[r] || (v == best_abs[r] && id < best_idx[r])) { best_abs[r] = v; best_idx[r] = id; }
+    }
+    for (int64_t t = a; t < a1; ++t) {
+      const float v = std::fabs(dot(rr, atoms + t * d, d));
+      if (v > best_abs[r]) { best_abs[r] = v; best_idx[r] = static_cast<int32_t>(t); }
+    }
+  }
+}
+
+template <int... Rs>
+void dispatch_rows_i8(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
+                      const I8Table& t8, const float* atoms, int64_t a0, int64_t a1,
+                      int64_t a_total, float* best_abs, int32_t* best_idx) {
+  ((rows == Rs + 1 ? best_atoms_i8<Rs + 1>(res, d, t8, atoms, a0, a1, a_total, best_abs, best_idx)
+                   : void()), ...);
+}
+#endif
+
 // Best atoms of `rows` residual rows over atoms [a0, a1): through the bf16 pair layout when
 // it is given (atoms_t2 != nullptr), else exactly in fp32 from atoms_t [D, A].
-void best_atoms_any(const float* res, int64_t rows, int64_t d, const float* atoms_t,
-                    const uint16_t* atoms_t2, const float* atoms, int64_t a0, int64_t a1,
-                    int64_t a_total, float* best_abs, int32_t* best_idx);
+struct CorrTable {
+  const float* fp32 = nullptr;      // [D, A]
+  const uint16_t* bf16 = nullptr;   // [D/2, A, 2]
+  const int8_t* i8 = nullptr;       // [D/4, A, 4], with:
+  const float* i8_scale = nullptr;  // [A]
+  const int32_t* i8_colsum = nullptr;  // [A]
+};
+
+void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
+                    const float* atoms, int64_t a0, int64_t a1, int64_t a_total,
+                    float* best_abs, int32_t* best_idx);
 
 void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t, int64_t a0,
                 int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
@@ -372,9 +469,23 @@ void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t,
 #endif
 }
 
-void best_atoms_any(const float* res, int64_t rows, int64_t d, const float* atoms_t,
-                    const uint16_t* atoms_t2, const float* atoms, int64_t a0, int64_t a1,
-                    int64_t a_total, float* best_abs, int32_t* best_idx) {
+void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
+                    const float* atoms, int64_t a0, int64_t a1, int64_t a_total,
+                    float* best_abs, int32_t* best_idx) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if (t.i8) {
+    const I8Table t8{t.i8, t.i8_scale, t.i8_colsum};
+    for (int64_t r0 = 0; r0 < rows; r0 += 8) {
+      const int64_t nr = std::min<int64_t>(8, rows - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
+      dispatch_rows_i8(std::make_integer_sequence<int, 8>{}, nr, res + r0 * d, d, t8, atoms, a0,
+                       a1, a_total, best_abs + r0, best_idx + r0);
+    }
+    return;
+  }
+#endif
+  const uint16_t* atoms_t2 = t.bf16;
+  const float* atoms_t = t.fp32;
 #if defined(__AVX512BF16__)
   if (atoms_t2) {
     for (int64_t r0 = 0; r0 < rows; r0 += kBf16Rows) {
@@ -428,7 +539,8 @@ float first_of_solve(const float* g, int64_t ld, const float* b, int64_t n, floa
 at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
                         const at::Tensor& rope_cos, const at::Tensor& rope_sin,
                         const at::Tensor& atoms_in, const at::Tensor& atoms_t_in,
-                        const at::Tensor& ladder_in, at::Tensor& kv_cache,
+                        const at::Tensor& corr_scale_in, const at::Tensor& ladder_in,
+                        at::Tensor& kv_cache,
                         const at::Tensor& slots_in, c10::IntArrayRef fmt_list, bool omp, bool undo) {
   const Format f = format_of(fmt_list);
   TORCH_CHECK(x_in.dim() == 3, "x must be [N, H, D]");
@@ -438,12 +550,27 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor atoms = atoms_in.to(at::kFloat).contiguous();
   const bool pairs = atoms_t_in.scalar_type() == at::kBFloat16;
-  const at::Tensor atoms_t = pairs ? atoms_t_in.contiguous() : atoms_t_in.to(at::kFloat).contiguous();
+  const bool quads = atoms_t_in.scalar_type() == at::kChar;
+  const at::Tensor atoms_t = pairs || quads ? atoms_t_in.contiguous() : atoms_t_in.to(at::kFloat).contiguous();
   const at::Tensor slots = slots_in.to(at::kLong).contiguous();
   const at::Tensor pos = positions.to(at::kLong).contiguous();
   TORCH_CHECK(atoms.dim() == 2 && atoms.size(1) == d, "atoms must be [A, D]");
   const int64_t a_total = atoms.size(0);
-  if (pairs) {
+  std::vector<int32_t> colsum;
+  at::Tensor i8_scale;
+  if (quads) {
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+    TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI (see csr_cpu::isa)");
+#endif
+    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
+                atoms_t.size(2) == 4 && d % 4 == 0 && d <= 256, "int8 atoms_t must be [D/4, A, 4]");
+    i8_scale = corr_scale_in.to(at::kFloat).contiguous();
+    TORCH_CHECK(i8_scale.dim() == 2 && i8_scale.size(0) == 2 && i8_scale.size(1) == a_total,
+                "int8 atoms_t needs corr_scale [2, A] (scale, column sum)");
+    colsum.resize(a_total);
+    const float* sums = i8_scale.data_ptr<float>() + a_total;
+    for (int64_t a = 0; a < a_total; ++a) colsum[a] = static_cast<int32_t>(sums[a]);
+  } else if (pairs) {
 #if !defined(__AVX512BF16__)
     TORCH_CHECK(false, "bf16 correlation tables need a build with AVX512-BF16 (see csr_cpu::isa)");
 #endif
@@ -488,8 +615,16 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   });
 
   // Picks: the blocks of rows and, when there are few, atom ranges run in parallel.
-  const float* at = pairs ? nullptr : atoms_t.data_ptr<float>();
-  const uint16_t* at2 = pairs ? reinterpret_cast<const uint16_t*>(atoms_t.data_ptr<at::BFloat16>()) : nullptr;
+  CorrTable table;
+  if (quads) {
+    table.i8 = atoms_t.data_ptr<int8_t>();
+    table.i8_scale = i8_scale.data_ptr<float>();
+    table.i8_colsum = colsum.data();
+  } else if (pairs) {
+    table.bf16 = reinterpret_cast<const uint16_t*>(atoms_t.data_ptr<at::BFloat16>());
+  } else {
+    table.fp32 = atoms_t.data_ptr<float>();
+  }
   const float* ar = atoms.data_ptr<float>();
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const int64_t threads = at::get_num_threads();
@@ -503,7 +638,7 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
         const int64_t b = w / splits, sp = w % splits;
         const int64_t r0 = b * kRows, nr = std::min<int64_t>(kRows, rows - r0);
         const int64_t a0 = std::min(a_total, sp * span), a1 = std::min(a_total, a0 + span);
-        best_atoms_any(&res[r0 * d], nr, d, at, at2, ar, a0, a1, a_total, &part_abs[sp * rows + r0], &part_idx[sp * rows + r0]);
+        best_atoms_any(&res[r0 * d], nr, d, table, ar, a0, a1, a_total, &part_abs[sp * rows + r0], &part_idx[sp * rows + r0]);
       }
     });
     at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
@@ -1064,7 +1199,11 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
 
 // What this build vectorises with: the correlation layouts encode_store accepts follow.
 std::string isa() {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+  return "avx512_vnni_bf16";
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return "avx512_vnni";
+#elif defined(__AVX512BF16__)
   return "avx512_bf16";
 #elif defined(__AVX512F__)
   return "avx512";
@@ -1076,7 +1215,7 @@ std::string isa() {
 TORCH_LIBRARY(csr_cpu, m) {
   m.def("isa() -> str");
   m.def("encode_store(Tensor x, Tensor positions, Tensor rope_cos, Tensor rope_sin, Tensor atoms, "
-        "Tensor atoms_t, Tensor ladder, Tensor(a!) kv_cache, Tensor slots, int[] fmt, "
+        "Tensor atoms_t, Tensor corr_scale, Tensor ladder, Tensor(a!) kv_cache, Tensor slots, int[] fmt, "
         "bool omp, bool undo_rope) -> Tensor");
   m.def("decode_dense(Tensor kv_cache, Tensor blocks, Tensor counts, Tensor pos0, int[] key_fmt, "
         "int[] value_fmt, Tensor key_atoms, Tensor key_ladder, Tensor value_atoms, "
