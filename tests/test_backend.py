@@ -176,6 +176,17 @@ SCHEDULE = [  # (request -> new tokens) per step: chunked prefill, then mixed ba
 KERNELS = ["native", "reference"]  # CI runs both: the reference is the spec
 
 
+@pytest.fixture(autouse=True)
+def exact_native_picks(monkeypatch):
+    """The native encoder's fastest correlation (int8 / bf16 candidates rescored in fp32) may
+    pick another atom at a near-tie (tests/test_native_kernels.py measures how often); these
+    tests compare the engine's plumbing with the reference codec token by token, so they
+    take the kernels' exact fp32 correlation."""
+    from csr_vllm import native
+
+    monkeypatch.setattr(native, "best_layout", lambda ops, head_dim: "fp32")
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("key_rope", ["post", "pre"])
