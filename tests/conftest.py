@@ -1,4 +1,13 @@
-"""Shared fixtures: seeded random generators and small random dictionaries."""
+"""Shared fixtures: seeded random generators, small random dictionaries, the real default model
+and the dictionaries the tests serve it with."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,9 +38,74 @@ def model_dir():
     return fetch_model()
 
 
+# The test dictionary's recipe: the default dictionary's shape and codec (8192 atoms a layer,
+# whole vectors, keys before RoPE, ladder tops, so every preset accepts it, log5 included),
+# trained on far less: 2816 tokens (8448 vectors a unit, the fewest that seed 8192 atoms), no
+# k-means iteration (one measured 0.281 relative error against 0.282 without: at this size the
+# atoms stay the sampled vectors) and no NeuralDict. Measured on this 2-core machine, idle:
+# 44 s to build (half of it calibrating the ladders on 1024 vectors a unit, a constant of the
+# trainer), where the full recipe (csr_vllm.defaults) takes ~10 minutes. The engine and server
+# tests check the plumbing (pages, preemption, parallel shares, metrics), not how good the
+# atoms are; the default dictionary's quality is the `heavy` tests' business.
+TEST_DICT_RECIPE = {
+    "window": 256,
+    "train_windows": 11,
+    "holdout_windows": 1,
+    "max_vectors": 8448,
+    "kmeans_iters": 0,
+    "neuraldict_steps": 0,
+    "seed": 0,
+}
+
+
+def fast_train_config(head_dim: int):
+    """The default dictionary's TrainConfig (codec, corpus) with the test recipe's sizes."""
+    from csr_vllm.defaults import default_train_config
+
+    return replace(default_train_config(head_dim), **TEST_DICT_RECIPE)
+
+
+def build_test_dictionary(model_dir: Path, cache: Path) -> Path:
+    """Folder of the test dictionary under ``cache``, trained once per recipe (the folder is
+    named by the recipe's hash, so a changed recipe never reuses stale atoms). A file lock
+    keeps two test runs sharing the cache from training the same folder at once."""
+    from transformers import AutoConfig
+
+    from csr_vllm.codec.dictionary import DictionaryError, DictionarySet, ModelShape
+    from csr_vllm.dict_training.train import train_dictionaries
+
+    shape = ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))
+    cfg = fast_train_config(shape.head_dim)
+    recipe = json.dumps(asdict(cfg), sort_keys=True, default=str)
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:12]
+    out = cache / "dicts" / Path(model_dir).name / f"test-{key}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"test-{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if DictionarySet.load(out, expect=shape).has_ladders:
+                return out
+        except DictionaryError:
+            pass
+        train_dictionaries(model_dir, out, cfg, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def test_dict(model_dir) -> str:
+    """A dictionary the default model's presets accept (csr-1b .. csr-4b, log5 included),
+    trained with TEST_DICT_RECIPE once per cache (~45 s with an empty cache). What `csr-vllm serve
+    --dict`, the engine and the server tests use, so the suite never trains the default
+    dictionary; tests about the default dictionary's quality use ``default_dict`` (heavy)."""
+    from csr_vllm.paths import cache_root
+
+    return str(build_test_dictionary(model_dir, cache_root()))
+
+
 @pytest.fixture(scope="session")
 def default_dict(model_dir) -> str:
-    """The default model's default dictionary (trained and cached on first use)."""
+    """The default model's default dictionary (trained and cached on first use: ~10 minutes
+    on 2 cores with an empty cache; only `heavy` tests ask for it)."""
     from csr_vllm.defaults import default_dictionary
 
     return str(default_dictionary(model_dir))

@@ -13,18 +13,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_read_paths_benchmark_runs(tmp_path, default_dict):
+def test_read_paths_benchmark_runs(tmp_path, test_dict):
     """benchmarks/read_paths.py at one short context (it crashed once after the runtime's
     codecs became a per-layer dict)."""
     pytest.importorskip("vllm")
-    out = subprocess.run([sys.executable, "benchmarks/read_paths.py", "--dict", default_dict,
-                          "--contexts", "256", "--batch", "2", "--repeats", "1",
+    out = subprocess.run([sys.executable, "benchmarks/read_paths.py", "--dict", test_dict,
+                          "--contexts", "256", "--batches", "2", "--repeats", "1",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads((tmp_path / "read_paths.json").read_text())["rows"]
-    assert rows[0]["context"] == 256 and rows[0]["reconstruct_ms"] > 0 and rows[0]["sparse_ms"] > 0
-    assert rows[0]["write_ms"] > 0
+    row = json.loads((tmp_path / "read_paths.json").read_text())["rows"][0]
+    assert row["context"] == 256 and row["batch"] == 2 and row["dense_ms"] > 0
+    for kernels in ("native", "reference"):  # both kernels, both read paths, the write
+        for part in ("sparse", "reconstruct", "write"):
+            assert row[f"{kernels}_{part}_ms"] > 0
 
 
 def test_kernel_benchmark_presets_match_the_codec():
@@ -48,11 +50,11 @@ def test_kernel_benchmark_presets_match_the_codec():
     assert set(mod.PRESETS) == set(PRESETS)
 
 
-def test_ruler_engine_benchmark_runs_and_reuses_its_results(tmp_path, default_dict):
+def test_ruler_engine_benchmark_runs_and_reuses_its_results(tmp_path, test_dict):
     """benchmarks/ruler_engine.py with one trial through a real CSR engine; a second run with
     the same setting reuses the stored result instead of starting an engine."""
     pytest.importorskip("vllm")
-    cmd = [sys.executable, "benchmarks/ruler_engine.py", "--dict", default_dict,
+    cmd = [sys.executable, "benchmarks/ruler_engine.py", "--dict", test_dict,
            "--methods", "csr-2b", "--lengths", "1024", "--samples", "1", "--out", str(tmp_path)]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -1,7 +1,7 @@
 """Reliability of the served product over HTTP: real ``vllm serve`` processes, the official
 ``openai`` client, vLLM's ``/metrics`` and csr-vllm's ``/csr/stats``.
 
-One CSR server (csr-2b, default dictionary) with a KV pool of a few blocks serves the module:
+One CSR server (csr-2b, the fast test dictionary of tests/conftest.py) with a KV pool of a few blocks serves the module:
 overload (more concurrent requests than fit), cancellation and disconnects, bad requests, the
 API key, the metrics. Each server starts once (~40 s here).
 """
@@ -44,8 +44,8 @@ def sample(fams: dict, name: str, suffix: str = "") -> float:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, default_dict):
-    flags = ["--kv-cache-backend", "csr", "--csr-dict", default_dict, "--csr-preset", "csr-2b",
+def server(model_dir, test_dict):
+    flags = ["--kv-cache-backend", "csr", "--csr-dict", test_dict, "--csr-preset", "csr-2b",
              "--max-model-len", str(MAX_LEN), "--num-gpu-blocks-override", str(BLOCKS),
              "--max-num-seqs", "16", "--api-key", KEY, "--served-model-name", "smollm2",
              "--enforce-eager"]
@@ -262,12 +262,12 @@ def test_mismatched_dictionary_exits_before_listening(model_dir, tmp_path):
 
 
 @pytest.mark.heavy
-def test_metrics_stay_right_with_two_api_servers(model_dir, default_dict, passages):
+def test_metrics_stay_right_with_two_api_servers(model_dir, test_dict, passages):
     """--api-server-count 2 (vLLM's Prometheus multiprocess mode): one value per gauge, and
     the cumulative series counted once although both API processes poll the workers."""
     from openai import AsyncOpenAI
 
-    flags = ["--kv-cache-backend", "csr", "--csr-dict", default_dict, "--csr-preset", "csr-2b",
+    flags = ["--kv-cache-backend", "csr", "--csr-dict", test_dict, "--csr-preset", "csr-2b",
              "--max-model-len", str(MAX_LEN), "--enforce-eager", "--api-server-count", "2",
              "--served-model-name", "smollm2"]
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "CSR_VLLM_METRICS_MIN_INTERVAL_S": "0"}
