@@ -190,7 +190,8 @@ def render_contexts(results: list[dict]) -> str:
 def render(results: list[dict], batch: int, gib: int) -> str:
     lines = [
         f"| method | KV tokens at {gib} GiB (vLLM) | x bf16 | pool bytes/token | side memory "
-        f"(dict + window + outliers) | decode tok/s b1 | b{batch} | CSR/bf16 b1 | b{batch} |",
+        f"(dict + window + outliers + native tables) | decode tok/s b1 | b{batch} | "
+        f"CSR/bf16 b1 | b{batch} |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     dense_bpt = next((r["csr"]["dense_bytes_per_token"] for r in results if r.get("csr")), None)
@@ -200,7 +201,8 @@ def render(results: list[dict], batch: int, gib: int) -> str:
         if csr:
             side = csr["side_bytes"]
             side_txt = (f"{side['dictionaries'] / 2**20:.0f} + {side['window_guard'] / 2**20:.0f}"
-                        f" + {side['outlier_guard'] / 2**20:.0f} MiB")
+                        f" + {side['outlier_guard'] / 2**20:.0f} + "
+                        f"{side.get('native_tables', 0) / 2**20:.0f} MiB")
         else:
             side_txt = "0"
         speed = [f"{r[k]:.{p}f}" if k in r else "-" for k, p in (

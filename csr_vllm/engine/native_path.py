@@ -63,8 +63,9 @@ class TensorTables:
     omp: bool
 
     @classmethod
-    def of(cls, codec: TensorCodec, offset: int, layout: str) -> TensorTables:
+    def of(cls, codec: TensorCodec, offset: int, ops) -> TensorTables:
         atoms = codec.atoms[0].float().contiguous()
+        layout = native.best_layout(ops, atoms.shape[1], atoms.shape[0])
         atoms_t, corr_scale = native.correlation_table(atoms, layout)
         ladder = codec.ladder_table()
         return cls(atoms, atoms_t, corr_scale, ladder[0] if ladder is not None else _EMPTY,
@@ -107,9 +108,8 @@ class NativeKernels:
     def __init__(self, layers: dict, key_bytes: int, head_dim: int, rope_theta: float,
                  pre_rope: bool) -> None:
         self.ops = native.load()
-        self.layout = native.best_layout(self.ops, head_dim)
-        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0, self.layout),
-                                          TensorTables.of(c.values[0], key_bytes, self.layout))
+        self.tables = {layer: LayerTables(TensorTables.of(c.keys[0], 0, self.ops),
+                                          TensorTables.of(c.values[0], key_bytes, self.ops))
                        for layer, c in layers.items()}
         self.pre_rope = pre_rope
         self.rope = RopeTable(head_dim, rope_theta)

@@ -156,8 +156,16 @@ def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
     return q.reshape(a, d // 4, 4).permute(1, 0, 2).contiguous(), torch.stack([scale, sums])
 
 
-def best_layout(ops, head_dim: int) -> str:
-    """The fastest correlation layout this build takes for ``head_dim``."""
+# Dictionaries smaller than this are correlated exactly in fp32: they cost little, and a
+# quantised table's coarse scores can hide a small residual entry among zeros (a lossless
+# dictionary with as many picks as channels would then re-pick a finished atom).
+EXACT_BELOW_ATOMS = 1024
+
+
+def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30) -> str:
+    """The fastest correlation layout this build takes for ``head_dim`` x ``num_atoms``."""
+    if num_atoms < EXACT_BELOW_ATOMS:
+        return "fp32"
     isa = ops.isa()
     if "vnni" in isa and head_dim % 4 == 0:
         return "int8"
