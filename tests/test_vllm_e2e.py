@@ -2,8 +2,7 @@
 generation under batching, chunked prefill, prefix caching and preemption.
 
 Every engine runs in its own process (tests/e2e/driver.py). Scenarios are cached per session,
-so each engine starts once; the engines a test reads (its ``engines`` mark) start ahead of
-it, two at a time on two cores (``Engines``). The lossy engines of the default suite serve the fast test
+so each engine starts once. The lossy engines of the default suite serve the fast test
 dictionary (``test_dict``, tests/conftest.py); the ``heavy`` tests whose thresholds were
 measured on the default dictionary's atoms serve that one (``DEFAULT`` below).
 """
@@ -12,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -38,105 +35,27 @@ def resolve_default(spec: dict, request: pytest.FixtureRequest) -> dict:
     return spec
 
 
-def run_engine(spec: dict, expect_fail: bool = False, timeout: int = 900,
-               running: set | None = None) -> dict | str:
-    """Run ``spec`` in a driver process; its RESULT (or, ``expect_fail``, its log). The
-    driver is added to ``running`` while it runs, so a session that stops early can end it."""
+def run_engine(spec: dict, expect_fail: bool = False, timeout: int = 900) -> dict | str:
     # VLLM_ENABLE_V1_MULTIPROCESSING=0: the engine core (and, with one worker, the worker) runs
     # in the driver's process instead of two more processes that each import vLLM again: an
     # engine starts and stops in ~13 s instead of ~31 s here, same tokens and block counts.
     # Parallel engines keep their worker processes; the served topology (API server,
     # EngineCore, worker processes) is tests/test_server.py's.
+    # OMP_NUM_THREADS=1, as the parallel engines' workers: vLLM's default on these 2 cores
+    # (OpenMP bound to one core, the other reserved) left a csr-2b engine spin-waiting, 68 s
+    # where one thread takes 29 s (bf16: 14 s, 17 s). The thread count changes float sums, so
+    # every engine here runs with one: equal-output tests compare like with like.
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **spec.pop("env", {})}
-    proc = subprocess.Popen([sys.executable, str(DRIVER), json.dumps(spec)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # its own group: ended with its workers
-    running = set() if running is None else running
-    running.add(proc)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-        running.discard(proc)
-    proc = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+           **spec.pop("env", {})}
+    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], env=env,
+                          capture_output=True, text=True, timeout=timeout)
     if expect_fail:
         assert proc.returncode != 0, "the engine was expected to refuse to start"
         return proc.stdout + proc.stderr
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-4000:]
     return json.loads(lines[-1][len("RESULT "):])
-
-
-class Engines:
-    """The module's engines, each run once, several at a time: one per core, at most two.
-
-    An engine with one worker runs on one OpenMP thread bound to a core of its own
-    (OMP_NUM_THREADS=1: vLLM's default here keeps a second OpenMP thread that spin-waits, and
-    two engines at once would starve each other), so two at once take about the time of one.
-    The thread count changes float sums, so every one-worker engine runs this way: equal-output
-    tests compare like with like. An engine with several workers runs alone, with the thread
-    settings its spec names."""
-
-    def __init__(self, cores: list[int]):
-        self._idle = cores
-        self._cores = len(cores)
-        self._cond = threading.Condition()
-        self._pool = ThreadPoolExecutor(self._cores, thread_name_prefix="engine")
-        self._jobs: dict[str, Future] = {}
-        self._running: set[subprocess.Popen] = set()
-
-    def submit(self, name: str, spec: dict, expect_fail: bool = False) -> Future:
-        """Start ``name``'s engine unless it was started; its future either way."""
-        with self._cond:
-            if name not in self._jobs:
-                self._jobs[name] = self._pool.submit(self._run, spec, expect_fail)
-            return self._jobs[name]
-
-    def _run(self, spec: dict, expect_fail: bool) -> dict | str:
-        engine = spec.get("engine", {})
-        workers = engine.get("tensor_parallel_size", 1) * engine.get("pipeline_parallel_size", 1)
-        need = self._cores if workers > 1 else 1
-        with self._cond:
-            self._cond.wait_for(lambda: len(self._idle) >= need)
-            mine, self._idle = self._idle[:need], self._idle[need:]
-        try:
-            if workers == 1:
-                env = spec.setdefault("env", {})
-                env.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(mine[0]))
-                env.setdefault("OMP_NUM_THREADS", "1")
-            return run_engine(spec, expect_fail, running=self._running)
-        finally:
-            with self._cond:
-                self._idle = self._idle + mine
-                self._cond.notify_all()
-
-    def close(self) -> None:
-        """Drop the engines not started yet and end the running ones (a session stopped early)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list(self._running):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-
-@pytest.fixture(scope="session")
-def engines():
-    pool = Engines(sorted(os.sched_getaffinity(0))[:2])
-    yield pool
-    pool.close()
-
-
-def engines_marked(request: pytest.FixtureRequest, names) -> list[str]:
-    """The engines among ``names`` that this session's tests of this module read, in the
-    order the tests run (their ``engines`` marks)."""
-    out: list[str] = []
-    for item in request.session.items:
-        mark = item.get_closest_marker("engines")
-        if mark and item.path == Path(__file__):
-            out += [n for n in mark.args if n in names and n not in out]
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -162,18 +81,7 @@ def identity_dict(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="session")
-def other_model_dict(tmp_path_factory) -> str:
-    """A (lossless) dictionary made for a 12-layer model, not SmolLM2's 30 layers."""
-    from csr_vllm.codec.dictionary import ModelShape
-    from csr_vllm.codec.identity import identity_dictionary
-
-    out = tmp_path_factory.mktemp("other-model-dict")
-    identity_dictionary(ModelShape("LlamaForCausalLM", 12, 3, 64, 10000.0, "other")).save(out)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, engines, request):
+def scenario(model_dir, prompts, identity_dict, test_dict, request):
     """scenario(name) -> that engine's results (each engine starts once per session)."""
     # 6 blocks of 128 tokens: the prompts need 11 at once and one more each while decoding.
     pressured = {"num_gpu_blocks_override": 6, "max_model_len": 640,
@@ -211,31 +119,17 @@ def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, eng
         "csr-2b-adapt": {"csr": {"dict": DEFAULT, "preset": "csr-2b", "adapt_atoms": 3}},
         "csr-2b-adapt-pressured": {"csr": {"dict": DEFAULT, "preset": "csr-2b",
                                            "adapt_atoms": 3}, "engine": pressured},
-        # AsyncLLM streams, most dropped after 3 tokens, then one request needing 5 of the 6
-        # blocks (test_cancelled_streams_return_every_block).
-        "cancel": {"mode": "cancel", "prompts": prompts[2:] * 2,
-                   "fill_prompt": prompts[-1] + prompts[2][:100],
-                   "csr": {"dict": test_dict, "preset": "csr-2b"},
-                   "engine": {"num_gpu_blocks_override": 6, "max_model_len": 640,
-                              "enable_prefix_caching": False}},
-        # Engines that must refuse to start: their logs.
-        "another-model": {"prompts": [[1, 2]], "max_tokens": 1,
-                          "csr": {"dict": other_model_dict}, "expect_fail": True},
-        "bad-settings": {"prompts": [[1, 2]], "max_tokens": 1, "csr": {"preset": "csr-3b"},
-                         "expect_fail": True},
     }
 
-    def start(name: str) -> Future:
+    @cache
+    def run(name: str) -> dict:
         spec = {"model": str(model_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
                 **json.loads(json.dumps(specs[name]))}
         if "pressured" in name:  # a shared 2-block prefix, so prefix caching has hits
             spec["prompts"] = prompts + [prompts[-1][:256] + prompts[2][:100]]
-        expect_fail = spec.pop("expect_fail", False)
-        return engines.submit(name, resolve_default(spec, request), expect_fail)
+        return run_engine(resolve_default(spec, request))
 
-    for name in engines_marked(request, specs):
-        start(name)
-    return lambda name: start(name).result()
+    return run
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -247,23 +141,19 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total
 
 
-@pytest.mark.engines("bf16", "stock")
 def test_without_the_flag_outputs_equal_stock_vllm(scenario):
     """Plugin installed and loaded, no --kv-cache-backend: identical to vLLM without it."""
     assert scenario("bf16")["outputs"] == scenario("stock")["outputs"]
     assert scenario("bf16")["num_blocks"] == scenario("stock")["num_blocks"]
 
 
-@pytest.mark.engines("lossless", "bf16")
 def test_lossless_csr_generates_exactly_what_stock_vllm_generates(scenario):
     assert scenario("lossless")["outputs"] == scenario("bf16")["outputs"]
 
 
 # The fast test dictionary in the default suite; the default dictionary's own agreement heavy.
-@pytest.mark.parametrize("lossy", [
-    pytest.param("csr-2b", marks=pytest.mark.engines("bf16", "csr-2b")),
-    pytest.param("csr-2b-default", marks=[pytest.mark.heavy,
-                                          pytest.mark.engines("bf16", "csr-2b-default")])])
+@pytest.mark.parametrize("lossy", ["csr-2b", pytest.param("csr-2b-default",
+                                                          marks=pytest.mark.heavy)])
 def test_csr_2b_greedy_agreement_with_bf16(scenario, lossy, record_property):
     ref, got = scenario("bf16")["outputs"], scenario(lossy)["outputs"]
     assert got[:2] == ref[:2]  # short prompts sit inside the dense window: exact
@@ -274,7 +164,6 @@ def test_csr_2b_greedy_agreement_with_bf16(scenario, lossy, record_property):
 
 
 @pytest.mark.heavy
-@pytest.mark.engines("bf16", "lossless-sparse", "csr-2b-sparse", "csr-2b-default")
 def test_sparse_read_path_end_to_end(scenario, record_property):
     """Lossless codes through the sparse path against stock vLLM, and csr-2b's two read paths
     against each other. Not token-identical by construction: the sparse path sums in fp32 from
@@ -292,7 +181,6 @@ def test_sparse_read_path_end_to_end(scenario, record_property):
     assert exact > 0.75 and lossy > 0.6
 
 
-@pytest.mark.engines("csr-2b", "csr-2b-reference")
 def test_native_kernels_generate_what_the_reference_generates(scenario, record_property):
     """csr-2b through the native CPU kernels (the default) against the PyTorch reference: the
     same codes except where the encoder's int8 correlation flips an fp32 near-tie, and decode
@@ -307,7 +195,6 @@ def test_native_kernels_generate_what_the_reference_generates(scenario, record_p
     assert errors[0] == pytest.approx(errors[1], rel=0.02)  # the same code quality
 
 
-@pytest.mark.engines("bf16-pressured", "lossless-pressured", "lossless")
 def test_preemption_and_prefix_caching_lose_no_request(scenario):
     stock = scenario("bf16-pressured")
     res = scenario("lossless-pressured")
@@ -320,7 +207,6 @@ def test_preemption_and_prefix_caching_lose_no_request(scenario):
     assert agreement(res["outputs"][:5], scenario("lossless")["outputs"]) > 0.8
 
 
-@pytest.mark.engines("csr-2b", "csr-2b-pressured")
 def test_lossy_csr_under_pressure_completes(scenario, record_property):
     base = scenario("csr-2b")["outputs"]
     pressured = scenario("csr-2b-pressured")
@@ -333,7 +219,6 @@ def test_lossy_csr_under_pressure_completes(scenario, record_property):
     assert rate > 0.5
 
 
-@pytest.mark.engines("bf16", "csr-2b")
 def test_capacity_grows_by_the_compression_ratio(scenario):
     dense = scenario("bf16")["num_blocks"]
     res = scenario("csr-2b")
@@ -343,31 +228,40 @@ def test_capacity_grows_by_the_compression_ratio(scenario):
     assert stats["encoded_vectors"] > 0 and 0 < stats["reconstruction_rel_error_mean"] < 1
 
 
-@pytest.mark.engines("cancel")
-def test_cancelled_streams_return_every_block(scenario):
+def test_cancelled_streams_return_every_block(model_dir, prompts, test_dict):
     """Requests dropped mid-stream leave no blocks (or Guard state) behind: afterwards one
     request needing 5 of the 6 blocks still runs to the end."""
-    res = scenario("cancel")
+    res = run_engine({
+        "mode": "cancel", "model": str(model_dir), "prompts": prompts[2:] * 2,
+        "max_tokens": MAX_TOKENS, "fill_prompt": prompts[-1] + prompts[2][:100],
+        "csr": {"dict": test_dict, "preset": "csr-2b"},
+        "engine": {"num_gpu_blocks_override": 6, "max_model_len": 640,
+                   "enable_prefix_caching": False},
+    })
     assert res["fill_tokens"] == MAX_TOKENS
     assert [n for i, n in enumerate(res["streamed"]) if i % 3] == [3] * 4
     assert [n for i, n in enumerate(res["streamed"]) if not i % 3] == [MAX_TOKENS] * 2
 
 
-@pytest.mark.engines("another-model")
-def test_dictionary_for_another_model_stops_the_engine(scenario):
-    log = scenario("another-model")
+def test_dictionary_for_another_model_stops_the_engine(model_dir, tmp_path):
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+
+    identity_dictionary(ModelShape("LlamaForCausalLM", 12, 3, 64, 10000.0, "other")).save(tmp_path)
+    log = run_engine({"model": str(model_dir), "prompts": [[1, 2]], "max_tokens": 1,
+                      "csr": {"dict": str(tmp_path)}}, expect_fail=True)
     assert "made for another model" in log and "num_layers: dictionary has 12" in log
 
 
-@pytest.mark.engines("bad-settings")
-def test_bad_settings_fail_before_the_engine_starts(scenario):
-    log = scenario("bad-settings")
+def test_bad_settings_fail_before_the_engine_starts(model_dir):
+    log = run_engine({"model": str(model_dir), "prompts": [[1, 2]], "max_tokens": 1,
+                      "csr": {"preset": "csr-3b"}}, expect_fail=True)
     assert "unknown CSR preset 'csr-3b'" in log and "csr-1b" in log
 
 
 @pytest.mark.heavy
 def test_engine_perplexity_matches_the_harness(model_dir, tokenizer, eval_text, model,
-                                               default_dict, engines, record_property):
+                                               default_dict, record_property):
     """Prompt logprobs through vLLM (32-token prefill chunks) vs the foundation harness, same
     preset and window, as the increase over each one's own bf16 number."""
     from csr_vllm.evaluation.methods import make_method
@@ -378,9 +272,8 @@ def test_engine_perplexity_matches_the_harness(model_dir, tokenizer, eval_text, 
                "enable_prefix_caching": False}
     rel = {}
     for name, csr in (("bf16", None), ("csr-2b", {"dict": default_dict, "preset": "csr-2b"})):
-        res = engines.submit(f"logprobs-{name}", {
-            "model": str(model_dir), "prompts": [[1]], "max_tokens": 1, "csr": csr,
-            "engine": chunked, "logprob_prompts": [ids]}).result()
+        res = run_engine({"model": str(model_dir), "prompts": [[1]], "max_tokens": 1,
+                          "csr": csr, "engine": chunked, "logprob_prompts": [ids]})
         rel[name] = sum(res["prompt_nll"][0]) / (len(ids) - 1)
     engine_increase = torch.tensor(rel["csr-2b"] - rel["bf16"]).exp().item() - 1
     t = torch.tensor(ids)
@@ -425,7 +318,7 @@ def head_identity_dict(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="session")
-def parallel_scenario(model_dir, prompts, head_identity_dict, engines, request):
+def parallel_scenario(model_dir, prompts, head_identity_dict, request):
     """parallel_scenario(name): engines with several workers (each starts once per session);
     ``-1t``: one process with the parallel runs' one thread per worker."""
     lossless = {"dict": head_identity_dict, "preset": None, "guard_window": 0,
@@ -439,14 +332,13 @@ def parallel_scenario(model_dir, prompts, head_identity_dict, engines, request):
         "csr-2b-pp2": {"csr": csr2b, "engine": PP2},
     }
 
-    def start(name: str) -> Future:
+    @cache
+    def run(name: str) -> dict:
         spec = {"model": str(model_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
                 "env": dict(PARALLEL_ENV), **json.loads(json.dumps(specs[name]))}
-        return engines.submit(name, resolve_default(spec, request))
+        return run_engine(resolve_default(spec, request))
 
-    for name in engines_marked(request, specs):
-        start(name)
-    return lambda name: start(name).result()
+    return run
 
 
 def check_worker_shares(res: dict, tp: int, pp: int, one_process: dict) -> None:
@@ -471,7 +363,6 @@ def check_worker_shares(res: dict, tp: int, pp: int, one_process: dict) -> None:
 HEAD_IDENTITY_BYTES = 2 * 30 * 3 * 64 * 64 * 4  # K + V, 30 layers x 3 heads x 64 x 64 fp32
 
 
-@pytest.mark.engines("lossless-tp3")
 def test_lossless_csr_under_tensor_parallel_3_equals_one_process(scenario, parallel_scenario):
     """Each rank codes its own KV head with its third of the per-head dictionaries: the
     tokens are exactly one process's (and stock vLLM's; TP 3 itself changes none here)."""
@@ -481,7 +372,6 @@ def test_lossless_csr_under_tensor_parallel_3_equals_one_process(scenario, paral
     assert [w["dictionary_bytes"] for w in res["csr_workers"]] == [HEAD_IDENTITY_BYTES // 3] * 3
 
 
-@pytest.mark.engines("lossless-pp2")
 def test_lossless_csr_under_pipeline_parallel_2_equals_one_process(scenario, parallel_scenario):
     res = parallel_scenario("lossless-pp2")
     assert res["outputs"] == scenario("lossless")["outputs"] == scenario("bf16")["outputs"]
@@ -490,7 +380,6 @@ def test_lossless_csr_under_pipeline_parallel_2_equals_one_process(scenario, par
 
 
 @pytest.mark.heavy
-@pytest.mark.engines("csr-2b-1t", "csr-2b-tp3", "csr-2b-pp2")
 def test_csr_2b_under_tensor_and_pipeline_parallel(scenario, parallel_scenario,
                                                    record_property):
     """The default dictionary at csr-2b (three engines of several minutes each on 2 cores,
@@ -518,7 +407,6 @@ def test_csr_2b_under_tensor_and_pipeline_parallel(scenario, parallel_scenario,
 
 
 @pytest.mark.heavy
-@pytest.mark.engines("csr-2b-adapt", "csr-2b-adapt-pressured", "csr-2b", "bf16")
 def test_adaptation_through_the_engine(scenario, record_property):
     """csr-2b with 3 sampled atoms per block: the slot grows by their share (2 bytes), the
     atoms are used, and under preemption + prefix caching (blocks freed, reused, shared)
