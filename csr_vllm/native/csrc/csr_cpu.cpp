@@ -280,6 +280,28 @@ void dispatch_rows(std::integer_sequence<int, Rs...>, int64_t rows, const float*
 
 constexpr int kRescore = 4;  // lane winners rescored in fp32 (bf16 / int8 correlation)
 
+#if defined(__AVX512F__)
+// The kRescore best lanes of one row's quantised scores (per-lane value bv, index bi)
+// rescored exactly in fp32, then the range's tail [a, a1) (fewer than 16 atoms) exactly.
+inline void rescore_lanes(const float* bv, const int32_t* bi, const float* rr, const float* atoms,
+                          int64_t d, int64_t a, int64_t a1, float& best_abs, int32_t& best_idx) {
+  int order[16];
+  for (int x = 0; x < 16; ++x) order[x] = x;
+  std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
+  for (int x = 0; x < kRescore; ++x) {
+    if (bv[order[x]] < 0.0f) break;  // an empty lane (range shorter than 16 atoms)
+    const int32_t id = bi[order[x]];
+    const float v = std::fabs(dot(rr, atoms + int64_t(id) * d, d));
+    if (v > best_abs || (v == best_abs && id < best_idx)) { best_abs = v; best_idx = id; }
+  }
+  for (int64_t t = a; t < a1; ++t) {
+    const float v = std::fabs(dot(rr, atoms + t * d, d));
+    if (v > best_abs) { best_abs = v; best_idx = static_cast<int32_t>(t); }
+  }
+}
+
+#endif
+
 #if defined(__AVX512BF16__)
 // bf16 correlation (AVX512-BF16 dot products: two channels per multiply-add, twice the fp32
 // FMA rate, half the dictionary bytes), then the few best candidates rescored in fp32 so the
@@ -323,20 +345,7 @@ void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const flo
     alignas(64) int32_t bi[16];
     _mm512_store_ps(bv, bestv[r]);
     _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
-    int order[16];
-    for (int x = 0; x < 16; ++x) order[x] = x;
-    std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
-    const float* rr = res + r * d;
-    for (int x = 0; x < kRescore; ++x) {
-      if (bv[order[x]] < 0.0f) break;  // an empty lane (range shorter than 16 atoms)
-      const int32_t id = bi[order[x]];
-      const float v = std::fabs(dot(rr, atoms + int64_t(id) * d, d));
-      if (v > best_abs[r] || (v == best_abs[r] && id < best_idx[r])) { best_abs[r] = v; best_idx[r] = id; }
-    }
-    for (int64_t t = a; t < a1; ++t) {  // tail of the range, exact
-      const float v = std::fabs(dot(rr, atoms + t * d, d));
-      if (v > best_abs[r]) { best_abs[r] = v; best_idx[r] = static_cast<int32_t>(t); }
-    }
+    rescore_lanes(bv, bi, res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r]);
   }
 }
 
@@ -411,20 +420,7 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* 
     alignas(64) int32_t bi[16];
     _mm512_store_ps(bv, bestv[r]);
     _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
-    int order[16];
-    for (int x = 0; x < 16; ++x) order[x] = x;
-    std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
-    const float* rr = res + r * d;
-    for (int x = 0; x < kRescore; ++x) {
-      if (bv[order[x]] < 0.0f) break;
-      const int32_t id = bi[order[x]];
-      const float v = std::fabs(dot(rr, atoms + int64_t(id) * d, d));
-      if (v > best_abs[r] || (v == best_abs[r] && id < best_idx[r])) { best_abs[r] = v; best_idx[r] = id; }
-    }
-    for (int64_t t = a; t < a1; ++t) {
-      const float v = std::fabs(dot(rr, atoms + t * d, d));
-      if (v > best_abs[r]) { best_abs[r] = v; best_idx[r] = static_cast<int32_t>(t); }
-    }
+    rescore_lanes(bv, bi, res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r]);
   }
 }
 
