@@ -50,6 +50,7 @@ def test_kernel_benchmark_presets_match_the_codec():
     assert set(mod.PRESETS) == set(PRESETS)
 
 
+@pytest.mark.heavy  # RULER's generator and an engine (~57 s); read_paths above stays
 def test_ruler_engine_benchmark_runs_and_reuses_its_results(tmp_path, test_dict):
     """benchmarks/ruler_engine.py with one trial through a real CSR engine; a second run with
     the same setting reuses the stored result instead of starting an engine."""

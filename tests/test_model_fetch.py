@@ -37,6 +37,7 @@ def test_corrupt_or_partial_cache_is_detected(tmp_path):
     assert not is_complete(folder)
 
 
+@pytest.mark.heavy  # two conversions of the GGUF (~37 s); detection is tested above in ms
 def test_corrupt_cache_is_rebuilt(tmp_path):
     path = fetch_model(cache_dir=tmp_path)
     weights = path / "model.safetensors"

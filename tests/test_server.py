@@ -244,6 +244,9 @@ def test_metrics_parse_and_carry_every_csr_metric(server, client, passages):
                                           fam.documentation or "Constant" in fam.documentation)
 
 
+# Heavy: a third server start (~30 s) for an error the engine test checks in 10 s
+# (tests/test_vllm_e2e.py::test_dictionary_for_another_model_stops_the_engine).
+@pytest.mark.heavy
 def test_mismatched_dictionary_exits_before_listening(model_dir, tmp_path):
     from csr_vllm.codec.dictionary import ModelShape
     from csr_vllm.codec.identity import identity_dictionary

@@ -363,6 +363,9 @@ def check_worker_shares(res: dict, tp: int, pp: int, one_process: dict) -> None:
 HEAD_IDENTITY_BYTES = 2 * 30 * 3 * 64 * 64 * 4  # K + V, 30 layers x 3 heads x 64 x 64 fp32
 
 
+# Heavy: 3 and 2 worker processes (~75 s each on 2 cores, the default suite's two slowest
+# engines); the shares they check are also tested without an engine in tests/test_parallel.py.
+@pytest.mark.heavy
 def test_lossless_csr_under_tensor_parallel_3_equals_one_process(scenario, parallel_scenario):
     """Each rank codes its own KV head with its third of the per-head dictionaries: the
     tokens are exactly one process's (and stock vLLM's; TP 3 itself changes none here)."""
@@ -372,6 +375,7 @@ def test_lossless_csr_under_tensor_parallel_3_equals_one_process(scenario, paral
     assert [w["dictionary_bytes"] for w in res["csr_workers"]] == [HEAD_IDENTITY_BYTES // 3] * 3
 
 
+@pytest.mark.heavy
 def test_lossless_csr_under_pipeline_parallel_2_equals_one_process(scenario, parallel_scenario):
     res = parallel_scenario("lossless-pp2")
     assert res["outputs"] == scenario("lossless")["outputs"] == scenario("bf16")["outputs"]
