@@ -300,6 +300,33 @@ inline void rescore_lanes(const float* bv, const int32_t* bi, const float* rr, c
   }
 }
 
+// Per-lane running best |score| and its atom of R rows (16 lanes each), then each row's pick:
+// the best lanes rescored in fp32 (rescore_lanes). Shared by the bf16 and int8 correlations.
+template <int R>
+struct LaneBest {
+  __m512 v[R];
+  __m512i i[R];
+  LaneBest() {
+    for (int r = 0; r < R; ++r) { v[r] = _mm512_set1_ps(-1.0f); i[r] = _mm512_setzero_si512(); }
+  }
+  inline void update(int r, __m512 score, __m512i ids) {
+    score = _mm512_and_ps(score, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
+    const __mmask16 gt = _mm512_cmp_ps_mask(score, v[r], _CMP_GT_OQ);
+    v[r] = _mm512_mask_mov_ps(v[r], gt, score);
+    i[r] = _mm512_mask_mov_epi32(i[r], gt, ids);
+  }
+  void finish(const float* res, const float* atoms, int64_t d, int64_t a, int64_t a1,
+              float* best_abs, int32_t* best_idx) const {
+    for (int r = 0; r < R; ++r) {
+      alignas(64) float bv[16];
+      alignas(64) int32_t bi[16];
+      _mm512_store_ps(bv, v[r]);
+      _mm512_store_si512(reinterpret_cast<__m512i*>(bi), i[r]);
+      rescore_lanes(bv, bi, res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r]);
+    }
+  }
+};
+
 #endif
 
 #if defined(__AVX512BF16__)
@@ -317,10 +344,7 @@ void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const flo
     for (int64_t j = 0; j < d / 2; ++j)
       pairs[r][j] = uint32_t(c10::BFloat16(res[r * d + 2 * j]).x) |
                     (uint32_t(c10::BFloat16(res[r * d + 2 * j + 1]).x) << 16);
-  __m512 bestv[R];
-  __m512i besti[R];
-  for (int r = 0; r < R; ++r) { bestv[r] = _mm512_set1_ps(-1.0f); besti[r] = _mm512_setzero_si512(); }
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  LaneBest<R> best;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t a = a0;
   for (; a + 16 <= a1; a += 16) {
@@ -333,20 +357,9 @@ void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const flo
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r][j])), c);
     }
     const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_and_ps(acc[r], absmask);
-      const __mmask16 gt = _mm512_cmp_ps_mask(v, bestv[r], _CMP_GT_OQ);
-      bestv[r] = _mm512_mask_mov_ps(bestv[r], gt, v);
-      besti[r] = _mm512_mask_mov_epi32(besti[r], gt, ids);
-    }
+    for (int r = 0; r < R; ++r) best.update(r, acc[r], ids);
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float bv[16];
-    alignas(64) int32_t bi[16];
-    _mm512_store_ps(bv, bestv[r]);
-    _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
-    rescore_lanes(bv, bi, res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r]);
-  }
+  best.finish(res, atoms, d, a, a1, best_abs, best_idx);
 }
 
 template <int... Rs>
@@ -389,10 +402,7 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* 
       quads[r][j] = w;
     }
   }
-  __m512 bestv[R];
-  __m512i besti[R];
-  for (int r = 0; r < R; ++r) { bestv[r] = _mm512_set1_ps(-1.0f); besti[r] = _mm512_setzero_si512(); }
-  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  LaneBest<R> best;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i off = _mm512_set1_epi32(128);
   int64_t a = a0;
@@ -408,20 +418,10 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* 
     const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
     const __m512i cs = _mm512_mullo_epi32(_mm512_loadu_si512(t8.colsum + a), off);
     const __m512 sc = _mm512_loadu_ps(t8.scale + a);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_and_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], cs)), sc), absmask);
-      const __mmask16 gt = _mm512_cmp_ps_mask(v, bestv[r], _CMP_GT_OQ);
-      bestv[r] = _mm512_mask_mov_ps(bestv[r], gt, v);
-      besti[r] = _mm512_mask_mov_epi32(besti[r], gt, ids);
-    }
+    for (int r = 0; r < R; ++r)
+      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], cs)), sc), ids);
   }
-  for (int r = 0; r < R; ++r) {
-    alignas(64) float bv[16];
-    alignas(64) int32_t bi[16];
-    _mm512_store_ps(bv, bestv[r]);
-    _mm512_store_si512(reinterpret_cast<__m512i*>(bi), besti[r]);
-    rescore_lanes(bv, bi, res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r]);
-  }
+  best.finish(res, atoms, d, a, a1, best_abs, best_idx);
 }
 
 template <int... Rs>
