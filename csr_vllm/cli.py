@@ -27,7 +27,8 @@ def model_dir_or_default(arg: str | None) -> Path:
 def cmd_fetch_model(args: argparse.Namespace) -> None:
     from csr_vllm.model_fetch import fetch_model
 
-    print(fetch_model(cache_dir=Path(args.cache_dir) if args.cache_dir else None, force=args.force))
+    print(fetch_model(args.model, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                      force=args.force))
 
 
 def cmd_prepare_data(args: argparse.Namespace) -> None:
@@ -199,11 +200,15 @@ def cmd_ruler(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from csr_vllm.codec.config import PRESETS
+    from csr_vllm.model_fetch import DEFAULT_MODEL, MODELS
 
     p = argparse.ArgumentParser(prog="csr-vllm", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fetch-model", help="fetch and convert the default model; print its path")
+    f = sub.add_parser("fetch-model", help="fetch and convert a model (default: the default "
+                       "model); print its path")
+    f.add_argument("--model", default=DEFAULT_MODEL, choices=list(MODELS),
+                   help=f"which model (default {DEFAULT_MODEL})")
     f.add_argument("--cache-dir", help="cache root (default $CSR_VLLM_CACHE or ~/.cache/csr-vllm)")
     f.add_argument("--force", action="store_true", help="rebuild even if the cache is valid")
     f.set_defaults(fn=cmd_fetch_model)
