@@ -13,14 +13,17 @@ if TYPE_CHECKING:
 
 
 def model_dir_or_default(arg: str | None) -> Path:
-    """The HF model folder ``arg``, or the default model (fetched on first use)."""
+    """The HF model folder ``arg``, a model of the registry by name (``qwen2.5-coder-1.5b``),
+    or the default model; registry models are fetched on first use."""
+    from csr_vllm.model_fetch import MODELS, fetch_model
+
+    if arg in MODELS:
+        return fetch_model(arg)
     if arg:
         path = Path(arg)
         if not (path / "config.json").is_file():
             sys.exit(f"error: {path} is not a Hugging Face model folder (no config.json)")
         return path
-    from csr_vllm.model_fetch import fetch_model
-
     return fetch_model()
 
 
@@ -198,6 +201,9 @@ def cmd_ruler(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
+MODEL_HELP = "HF model folder or a fetch-model name (default: the default model)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     from csr_vllm.codec.config import PRESETS
     from csr_vllm.model_fetch import DEFAULT_MODEL, MODELS
@@ -215,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="prepare the default model + dictionary and serve it "
                         "with CSR through vLLM's OpenAI server")
-    sv.add_argument("--model", help="HF model folder (default: the default model)")
+    sv.add_argument("--model", help=MODEL_HELP)
     sv.add_argument("--dict", help="dictionary folder (default: the default dictionary of the "
                     "model, trained on first use)")
     sv.add_argument("--preset", default="csr-2b", choices=sorted(PRESETS))
@@ -230,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_prepare_data)
 
     t = sub.add_parser("train-dict", help="train CSR dictionaries (resumable)")
-    t.add_argument("--model", help="HF model folder (default: the default model)")
+    t.add_argument("--model", help=MODEL_HELP)
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--preset", choices=sorted(PRESETS), help="codec preset (else explicit options)")
     t.add_argument("--atoms", type=int, default=8192)
@@ -253,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train_dict)
 
     e = sub.add_parser("eval", help="perplexity with a compressed KV cache")
-    e.add_argument("--model", help="HF model folder (default: the default model)")
+    e.add_argument("--model", help=MODEL_HELP)
     e.add_argument("--text", required=True, help="UTF-8 text file")
     e.add_argument("--method", required=True,
                    help="bf16 | exact | int8 | int4 | kivi-2 | kivi-4 | csr | csr-<preset>")
@@ -267,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval)
 
     r = sub.add_parser("ruler", help="RULER needle retrieval accuracy with compressed KV")
-    r.add_argument("--model", help="HF model folder (default: the default model)")
+    r.add_argument("--model", help=MODEL_HELP)
     r.add_argument("--task", default="niah_single_1",
                    help="niah_single_1 | niah_multikey_2 | niah_multikey_3")
     r.add_argument("--lengths", default="1024,2048,4096")

