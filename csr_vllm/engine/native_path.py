@@ -45,7 +45,11 @@ class TensorTables:
     """One layer's tables of one tensor (K or V), as the kernels take them.
 
     Attributes:
-        atoms: [A, D] float32 (the reference codec's own tensor, not a copy).
+        atoms: [A, D] float32 (the reference codec's own tensor, not a copy): the encoder's
+            fp32 rescoring and least squares.
+        read_atoms: [A, D] bfloat16 copy the read paths gather rows from: half the bytes of
+            fp32 per row, and a layer's dictionary is read from memory on every step (its
+            rounding, 2^-9 of an entry, is far below the codes' own error).
         atoms_t, corr_scale: the encoder's correlation table (atoms in SIMD lanes), the
             fastest this build takes (:func:`csr_vllm.native.best_layout`): int8 channel
             quads with per-atom scales (AVX512-VNNI), bf16 pairs (AVX512-BF16), or exact
@@ -56,6 +60,7 @@ class TensorTables:
     """
 
     atoms: Tensor
+    read_atoms: Tensor
     atoms_t: Tensor
     corr_scale: Tensor
     ladder: Tensor
@@ -68,13 +73,14 @@ class TensorTables:
         layout = native.best_layout(ops, atoms.shape[1], atoms.shape[0])
         atoms_t, corr_scale = native.correlation_table(atoms, layout)
         ladder = codec.ladder_table()
-        return cls(atoms, atoms_t, corr_scale, ladder[0] if ladder is not None else _EMPTY,
+        return cls(atoms, atoms.to(torch.bfloat16), atoms_t, corr_scale,
+                   ladder[0] if ladder is not None else _EMPTY,
                    native.format_ints(codec.config, offset), codec.config.pursuit == "omp")
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes beyond the reference's dictionaries (the correlation table)."""
-        return self.atoms_t.nbytes + self.corr_scale.nbytes
+        """Bytes beyond the reference's dictionaries (correlation table, bf16 copy)."""
+        return self.atoms_t.nbytes + self.corr_scale.nbytes + self.read_atoms.nbytes
 
 
 @dataclass(frozen=True)
@@ -144,7 +150,8 @@ class NativeKernels:
         if len(blocks):
             cos, sin = self._rope(int((pos0 + counts).max()))
             self.ops.decode_dense(kv_cache, blocks, counts, pos0, t.key.fmt, t.value.fmt,
-                                  t.key.atoms, t.key.ladder, t.value.atoms, t.value.ladder, cos,
+                                  t.key.read_atoms, t.key.ladder, t.value.read_atoms,
+                                  t.value.ladder, cos,
                                   sin, self.pre_rope, out_k, out_v)
         return out_k, out_v
 
@@ -158,8 +165,8 @@ class NativeKernels:
         cos, sin = self._rope(int(seq_lens.max()))
         rows = torch.arange(len(seq_lens))
         self.ops.decode_attention(query, kv_cache, block_table, seq_lens, rows, t.key.fmt,
-                                  t.value.fmt, t.key.atoms, t.key.ladder, t.value.atoms,
-                                  t.value.ladder, cos, sin, self.pre_rope,
+                                  t.value.fmt, t.key.read_atoms, t.key.ladder,
+                                  t.value.read_atoms, t.value.ladder, cos, sin, self.pre_rope,
                                   window_store if window_store is not None else _EMPTY,
                                   window_index, own_key, own_value, scale, output)
 

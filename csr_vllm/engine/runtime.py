@@ -48,6 +48,7 @@ class StepPlan:
         seq_lens, query_lens: [B]; table: [B, M] physical block table.
         window_index: [num_decodes, W] pool slot * BS + offset of the dense window copy of
             each decode request's position t - 1 - W + w (-1: read its code); native path.
+        live_rows: rows of the new tokens that have a slot (None: all of them).
     """
 
     positions: Tensor
@@ -62,6 +63,7 @@ class StepPlan:
     query_lens: Tensor
     table: Tensor
     window_index: Tensor
+    live_rows: Tensor | None = None
 
 
 ENCODE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # seconds
@@ -78,11 +80,32 @@ class RuntimeStats:
     encode_buckets: tuple[float, ...] = ENCODE_BUCKETS
     encode_bucket_counts: list[int] = field(
         default_factory=lambda: [0] * (len(ENCODE_BUCKETS) + 1))  # last: +Inf
-    rel_error_sum: float = 0.0
     rel_error_count: int = 0
+    _rel_error_sum: float = 0.0
+    # Relative errors [K, H] not yet summed: summing them when the statistics are read keeps
+    # a tensor reduction and a float() per layer and tensor out of every step.
+    _pending_errors: list[Tensor] = field(default_factory=list)
     # Largest transient buffer of the reconstruct read path (decoded K/V + the dense scratch
     # pages of one layer); freed after each layer, but real memory at that moment.
     scratch_bytes_peak: int = 0
+
+    def add_errors(self, err: Tensor) -> None:
+        """Count one write's coded vectors and their relative errors [K, H]."""
+        self.encoded_vectors += err.numel()
+        self.rel_error_count += err.numel()
+        self._pending_errors.append(err)
+        if len(self._pending_errors) >= 4096:  # bounded memory between reads
+            self._flush_errors()
+
+    def _flush_errors(self) -> None:
+        if self._pending_errors:
+            self._rel_error_sum += float(sum(float(e.sum()) for e in self._pending_errors))
+            self._pending_errors.clear()
+
+    @property
+    def rel_error_sum(self) -> float:
+        self._flush_errors()
+        return self._rel_error_sum
 
     def observe_encode(self, seconds: float) -> None:
         self.encode_calls += 1
@@ -155,9 +178,11 @@ class CSRRuntime:
             else torch.zeros(0, dtype=torch.long)
         window_scratch = self._to_scratch(wreq_blocks * bs + window.read_pos % bs, ref_blocks)
         nd = num_decodes if sparse_decodes else 0
+        live = slots >= 0
+        live_rows = None if bool(live.all()) else live.nonzero().squeeze(1)
         return StepPlan(positions, ref_blocks, ref_pos0, scratch_table.to(torch.int32),
                         new_scratch, window, window_scratch, nd, seq_lens, query_lens, table,
-                        self._window_index(window, seq_lens, nd))
+                        self._window_index(window, seq_lens, nd), live_rows)
 
     def _window_index(self, window: WindowPlan, seq_lens: Tensor, nd: int) -> Tensor:
         """StepPlan.window_index of the first ``nd`` (decode) requests."""
@@ -197,18 +222,24 @@ class CSRRuntime:
         n = len(plan.positions)
         key, value = key[:n], value[:n]
         slots = slot_mapping[:n].long()
-        live = (slots >= 0).nonzero().squeeze(1)
-        if not live.numel():
-            return
         t0 = time.perf_counter()
-        bs = self.block_size
-        s = slots[live]
         if self.native is not None:
-            errs = self.native.write(layer, key[live], value[live], plan.positions[live],
-                                     kv_cache, s)
+            rows = plan.live_rows
+            if rows is None:  # the usual step: every new token has a slot, nothing to select
+                errs = self.native.write(layer, key, value, plan.positions, kv_cache, slots)
+            elif rows.numel():
+                errs = self.native.write(layer, key[rows], value[rows], plan.positions[rows],
+                                         kv_cache, slots[rows])
+            else:
+                return
             self._count_encode(t0, errs)
             self.window.write(layer, plan.window, key, value)
             return
+        live = (slots >= 0).nonzero().squeeze(1)
+        if not live.numel():
+            return
+        bs = self.block_size
+        s = slots[live]
         codec = self.codecs[layer]
         atoms = self._atoms_for_write(codec, kv_cache, s) if codec.sampled else None
         codes, k_rec, v_rec = codec.encode(key[live], value[live], plan.positions[live], atoms)
@@ -233,9 +264,7 @@ class CSRRuntime:
         """Statistics of one layer's write: time, vectors, relative errors [K, H] of K, V."""
         self.stats.observe_encode(time.perf_counter() - t0)
         for err in errs:
-            self.stats.encoded_vectors += err.numel()
-            self.stats.rel_error_sum += float(err.sum())
-            self.stats.rel_error_count += err.numel()
+            self.stats.add_errors(err)
 
     def _atoms_for_write(self, codec: LayerCodec, kv_cache: Tensor, slots: Tensor) -> BlockAtoms:
         """The sampled atoms of the blocks the step writes [K slots], for encoding: emptied

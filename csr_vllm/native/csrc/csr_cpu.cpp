@@ -163,14 +163,15 @@ inline float quantize(const Format& f, float c, int64_t s, const float* ladder, 
   return c < 0 ? -ladder[s * m + i] : ladder[s * m + i];
 }
 
-// x[D] = sum_s coef_s * atoms[idx_s]  (atoms [A, D] row-major)
-inline void rebuild(const Code& code, int64_t atoms_n, const float* atoms, int64_t d, float* x) {
+// x[D] = sum_s coef_s * atoms[idx_s]  (atoms [A, D] row-major, float32 or bfloat16)
+template <typename T>
+inline void rebuild(const Code& code, int64_t atoms_n, const T* atoms, int64_t d, float* x) {
   std::fill(x, x + d, 0.0f);
   for (int64_t s = 0; s < atoms_n; ++s) {
     const float c = code.coef[s];
-    const float* a = atoms + int64_t(code.idx[s]) * d;
+    const T* a = atoms + int64_t(code.idx[s]) * d;
 #pragma omp simd
-    for (int64_t j = 0; j < d; ++j) x[j] += c * a[j];
+    for (int64_t j = 0; j < d; ++j) x[j] += c * static_cast<float>(a[j]);
   }
 }
 
@@ -350,8 +351,8 @@ void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const flo
   for (; a + 16 <= a1; a += 16) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const uint16_t* col = at2 + a * 2;
-    for (int64_t j = 0; j < d / 2; ++j, col += a_total * 2) {
+    const uint16_t* col = at2 + a * d;  // group a / 16: D/2 consecutive 64-byte lines
+    for (int64_t j = 0; j < d / 2; ++j, col += 32) {
       const __m512bh c = (__m512bh)_mm512_loadu_si512(col);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r][j])), c);
@@ -373,53 +374,53 @@ void dispatch_rows_bf16(std::integer_sequence<int, Rs...>, int64_t rows, const f
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // int8 correlation (VNNI: four channels per multiply-add, a quarter of fp32's dictionary
-// bytes, so a layer's table stays in L2 across the pursuit's picks). Atoms are stored as int8
-// with a scale per atom ([D/4, A, 4] + scale [A] + column sums [A]); each residual row is
-// quantised to u8 with its own scale and an offset of 128 (VNNI multiplies u8 by s8), which
-// the column sums take back out. Candidates are rescored in fp32 as on the bf16 path.
+// bytes, so a layer's table stays in L2 across the pursuit's picks). Atoms are stored as
+// int8 + 128 (u8) with a scale per atom ([D/4, A, 4] + scale [A]); each residual row is
+// quantised to s8 with its own scale, so the row's channel quad is the multiply-add's
+// broadcast memory operand (VNNI multiplies u8 by s8: the row must be the s8 side to be
+// broadcast for free); the offset's 128 * sum(row) comes back out once per row.
+// Candidates are rescored in fp32 as on the bf16 path.
 struct I8Table {
-  const int8_t* q;       // [D/4, A, 4]
+  const uint8_t* q;      // [A/16, D/4, 16, 4], int8 + 128
   const float* scale;    // [A]
-  const int32_t* colsum; // [A]
 };
 
 template <int R>
 void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* atoms, int64_t a0,
                    int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
-  uint32_t quads[R][64];
-  float rscale[R];
+  alignas(64) int32_t quads[64][R];  // [channel quad][row]: one cache line feeds R rows
+  __m512i offset[R];
   for (int r = 0; r < R; ++r) {
     float mx = 0.0f;
     for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(res[r * d + j]));
-    rscale[r] = mx > 0.0f ? mx / 127.0f : 1.0f;
-    const float inv = 1.0f / rscale[r];
+    const float inv = mx > 0.0f ? 127.0f / mx : 1.0f;
+    int32_t sum = 0;
     for (int64_t j = 0; j < d / 4; ++j) {
       uint32_t w = 0;
       for (int b = 0; b < 4; ++b) {
-        const int v = static_cast<int>(std::nearbyint(res[r * d + 4 * j + b] * inv)) + 128;
-        w |= uint32_t(std::min(255, std::max(1, v))) << (8 * b);
+        const int v = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(res[r * d + 4 * j + b] * inv))));
+        sum += v;
+        w |= uint32_t(static_cast<uint8_t>(static_cast<int8_t>(v))) << (8 * b);
       }
-      quads[r][j] = w;
+      quads[j][r] = static_cast<int32_t>(w);
     }
+    offset[r] = _mm512_set1_epi32(128 * sum);
   }
   LaneBest<R> best;
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i off = _mm512_set1_epi32(128);
   int64_t a = a0;
   for (; a + 16 <= a1; a += 16) {
     __m512i acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-    const int8_t* col = t8.q + a * 4;
-    for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
+    const uint8_t* col = t8.q + a * d;  // group a / 16: D/4 consecutive 64-byte lines
+    for (int64_t j = 0; j < d / 4; ++j, col += 64) {
       const __m512i c = _mm512_loadu_si512(col);
-      for (int r = 0; r < R; ++r)
-        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(static_cast<int>(quads[r][j])), c);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], c, _mm512_set1_epi32(quads[j][r]));
     }
     const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
-    const __m512i cs = _mm512_mullo_epi32(_mm512_loadu_si512(t8.colsum + a), off);
     const __m512 sc = _mm512_loadu_ps(t8.scale + a);
     for (int r = 0; r < R; ++r)
-      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], cs)), sc), ids);
+      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset[r])), sc), ids);
   }
   best.finish(res, atoms, d, a, a1, best_abs, best_idx);
 }
@@ -437,10 +438,9 @@ void dispatch_rows_i8(std::integer_sequence<int, Rs...>, int64_t rows, const flo
 // it is given (atoms_t2 != nullptr), else exactly in fp32 from atoms_t [D, A].
 struct CorrTable {
   const float* fp32 = nullptr;      // [D, A]
-  const uint16_t* bf16 = nullptr;   // [D/2, A, 2]
-  const int8_t* i8 = nullptr;       // [D/4, A, 4], with:
+  const uint16_t* bf16 = nullptr;   // [A/16, D/2, 16, 2]
+  const uint8_t* i8 = nullptr;      // [A/16, D/4, 16, 4] int8 + 128, with:
   const float* i8_scale = nullptr;  // [A]
-  const int32_t* i8_colsum = nullptr;  // [A]
 };
 
 void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
@@ -470,7 +470,7 @@ void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& 
                     float* best_abs, int32_t* best_idx) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (t.i8) {
-    const I8Table t8{t.i8, t.i8_scale, t.i8_colsum};
+    const I8Table t8{t.i8, t.i8_scale};
     for (int64_t r0 = 0; r0 < rows; r0 += 8) {
       const int64_t nr = std::min<int64_t>(8, rows - r0);
       for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
@@ -546,32 +546,29 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor atoms = atoms_in.to(at::kFloat).contiguous();
   const bool pairs = atoms_t_in.scalar_type() == at::kBFloat16;
-  const bool quads = atoms_t_in.scalar_type() == at::kChar;
+  const bool quads = atoms_t_in.scalar_type() == at::kByte;
   const at::Tensor atoms_t = pairs || quads ? atoms_t_in.contiguous() : atoms_t_in.to(at::kFloat).contiguous();
   const at::Tensor slots = slots_in.to(at::kLong).contiguous();
   const at::Tensor pos = positions.to(at::kLong).contiguous();
   TORCH_CHECK(atoms.dim() == 2 && atoms.size(1) == d, "atoms must be [A, D]");
   const int64_t a_total = atoms.size(0);
-  std::vector<int32_t> colsum;
   at::Tensor i8_scale;
   if (quads) {
 #if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
     TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI (see csr_cpu::isa)");
 #endif
-    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
-                atoms_t.size(2) == 4 && d % 4 == 0 && d <= 256, "int8 atoms_t must be [D/4, A, 4]");
+    TORCH_CHECK(atoms_t.dim() == 4 && atoms_t.size(0) == a_total / 16 && atoms_t.size(1) == d / 4 &&
+                atoms_t.size(2) == 16 && atoms_t.size(3) == 4 && d % 4 == 0 && d <= 256,
+                "int8 atoms_t must be [A/16, D/4, 16, 4] uint8");
     i8_scale = corr_scale_in.to(at::kFloat).contiguous();
-    TORCH_CHECK(i8_scale.dim() == 2 && i8_scale.size(0) == 2 && i8_scale.size(1) == a_total,
-                "int8 atoms_t needs corr_scale [2, A] (scale, column sum)");
-    colsum.resize(a_total);
-    const float* sums = i8_scale.data_ptr<float>() + a_total;
-    for (int64_t a = 0; a < a_total; ++a) colsum[a] = static_cast<int32_t>(sums[a]);
+    TORCH_CHECK(i8_scale.dim() == 1 && i8_scale.size(0) == a_total, "int8 atoms_t needs corr_scale [A]");
   } else if (pairs) {
 #if !defined(__AVX512BF16__)
     TORCH_CHECK(false, "bf16 correlation tables need a build with AVX512-BF16 (see csr_cpu::isa)");
 #endif
-    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 2 && atoms_t.size(1) == a_total &&
-                atoms_t.size(2) == 2 && d % 2 == 0 && d <= 256, "bf16 atoms_t must be [D/2, A, 2]");
+    TORCH_CHECK(atoms_t.dim() == 4 && atoms_t.size(0) == a_total / 16 && atoms_t.size(1) == d / 2 &&
+                atoms_t.size(2) == 16 && atoms_t.size(3) == 2 && d % 2 == 0 && d <= 256,
+                "bf16 atoms_t must be [A/16, D/2, 16, 2]");
   } else {
     TORCH_CHECK(atoms_t.dim() == 2 && atoms_t.size(0) == d && atoms_t.size(1) == a_total, "atoms_t must be [D, A]");
   }
@@ -613,9 +610,8 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   // Picks: the blocks of rows and, when there are few, atom ranges run in parallel.
   CorrTable table;
   if (quads) {
-    table.i8 = atoms_t.data_ptr<int8_t>();
+    table.i8 = atoms_t.data_ptr<uint8_t>();
     table.i8_scale = i8_scale.data_ptr<float>();
-    table.i8_colsum = colsum.data();
   } else if (pairs) {
     table.bf16 = reinterpret_cast<const uint16_t*>(atoms_t.data_ptr<at::BFloat16>());
   } else {
@@ -738,7 +734,10 @@ void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const
   const at::Tensor blocks = blocks_in.to(at::kLong).contiguous();
   const at::Tensor counts = counts_in.to(at::kLong).contiguous();
   const at::Tensor pos0 = pos0_in.to(at::kLong).contiguous();
-  const at::Tensor ka = key_atoms_in.to(at::kFloat).contiguous(), va = value_atoms_in.to(at::kFloat).contiguous();
+  // bf16 dictionaries are read as they are; anything else as float32.
+  const bool bf16_atoms = key_atoms_in.scalar_type() == at::kBFloat16 && value_atoms_in.scalar_type() == at::kBFloat16;
+  const at::Tensor ka = bf16_atoms ? key_atoms_in.contiguous() : key_atoms_in.to(at::kFloat).contiguous();
+  const at::Tensor va = bf16_atoms ? value_atoms_in.contiguous() : value_atoms_in.to(at::kFloat).contiguous();
   const at::Tensor kl = key_ladder_in.numel() ? key_ladder_in.to(at::kFloat).contiguous() : key_ladder_in;
   const at::Tensor vl = value_ladder_in.numel() ? value_ladder_in.to(at::kFloat).contiguous() : value_ladder_in;
   TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.is_contiguous(), "kv_cache must be contiguous uint8");
@@ -764,7 +763,8 @@ void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const
       for (int64_t o = 0; o < cnt; ++o) {
         const uint8_t* slot = cache + ((blk * h + head) * bs + o) * cb;
         unpack(slot, fk, klp, mk, code);
-        rebuild(code, fk.atoms, ka.data_ptr<float>(), d, k.data());
+        if (bf16_atoms) rebuild(code, fk.atoms, ka.data_ptr<at::BFloat16>(), d, k.data());
+        else rebuild(code, fk.atoms, ka.data_ptr<float>(), d, k.data());
         const float* kk = k.data();
         if (apply) {
           const int64_t p = pos0.data_ptr<int64_t>()[r] + o;
@@ -773,7 +773,8 @@ void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const
           kk = kr.data();
         }
         unpack(slot, fv, vlp, mv, code);
-        rebuild(code, fv.atoms, va.data_ptr<float>(), d, v.data());
+        if (bf16_atoms) rebuild(code, fv.atoms, va.data_ptr<at::BFloat16>(), d, v.data());
+        else rebuild(code, fv.atoms, va.data_ptr<float>(), d, v.data());
         const int64_t row = ((r * bs + o) * h + head) * d;
         if (bf16) {
           auto* ok = out_k.data_ptr<at::BFloat16>() + row;
@@ -807,7 +808,7 @@ struct AttnArgs {
   const Decoder *dk, *dv;
   const uint8_t* cache_end;
   const float *q, *ka, *va, *klp, *vlp, *cos, *sin;
-  int64_t mk, mv, h, g, d, bs, cb, hq, wlen, table_cols;
+  int64_t mk, mv, h, g, d, bs, cb, hq, wlen, table_cols, va_rows;
   const uint8_t* cache;
   const int64_t *tab, *lens, *rows, *widx;
   const at::Tensor *own_k, *own_v, *win;
@@ -876,21 +877,34 @@ inline void load_v(const float* src, VecD<D>& x) {
   for (int u = 0; u < VecD<D>::U; ++u) x.v[u] = _mm512_loadu_ps(src + 16 * u);
 }
 
+// Value accumulation in the dictionary's domain ("bins"): sum_t p_t v_t = sum_a w_a D_a with
+// w_a = sum over (t, s) of p_t c_ts where idx_ts = a, so each coded value costs S scalar
+// adds instead of S row gathers, plus one A x D pass per (request, KV head). Taken when a
+// context holds at least kBinFactor x A value atom references (t * S >= kBinFactor * A).
+constexpr int64_t kBinFactor = 1;
+
 // One work item: request i, KV head `head`, tokens [t0, t1); partial softmax state out.
-template <int D, typename T>
+// Tiles of kT tokens, software-pipelined: while a tile's keys are rebuilt, the next tile's
+// codes are unpacked and its key atoms prefetched, and this tile's value atoms are in flight,
+// so the dictionary's random row gathers overlap instead of stalling one by one.
+// kBins: values through bins (above); the item then covers the whole context, scores are
+// kept for a two-pass softmax (bins need each token's final weight).
+template <int D, typename T, bool kBins>
 void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t head, int64_t t0, int64_t t1, float* m,
                  float* l, float* acc) {
-  constexpr int64_t kT = 32;
+  constexpr int64_t kT = 16;
   const int64_t g = A.g, h = A.h, bs = A.bs;
   const int64_t t = A.lens[i], row = A.rows[i];
   const int64_t wstart = t - 1 - A.wlen;
   alignas(64) float qs[16 * D];
   alignas(64) float ebuf[D];
-  alignas(64) float scores[16 * kT];
+  alignas(64) float tile_scores[16 * kT];
+  static thread_local std::vector<float> all_scores, bins;  // [g, t1 - t0], [g, A] (kBins)
+  const int64_t span = t1 - t0, span16 = (span + 15) / 16 * 16;
+  if (kBins) all_scores.assign(g * span16, -INFINITY);
   for (int64_t x = 0; x < g * D; ++x) qs[x] = A.q[(row * A.hq + head * g) * D + x] * A.scale;
   for (int64_t y = 0; y < g; ++y) { m[y] = -INFINITY; l[y] = 0.0f; }
   std::fill(acc, acc + g * D, 0.0f);
-  Code code;
   auto exact = [&](int64_t p, int which) -> const float* {
     if (p == t - 1) {
       load_row(which ? *A.own_v : *A.own_k, row * h + head, D, ebuf);
@@ -909,55 +923,66 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
   const int64_t* trow = A.tab + i * A.table_cols;
   auto slot_of = [&](int64_t p) { return A.cache + ((trow[p / bs] * h + head) * bs + p % bs) * A.cb; };
   VecD<D> k, v;
-  // A tile's codes are unpacked first and every atom row they address is prefetched, so the
-  // random gathers of the dictionary overlap instead of stalling one by one.
-  static thread_local Code kcodes[kT], vcodes[kT];
-  const float* kexact[kT];
-  const float* vexact[kT];
-  alignas(64) float vbufs[kT][D];
-  for (int64_t p0 = t0; p0 < t1; p0 += kT) {
+  // Two tiles in flight; kx holds a token's exact key (copied out of ebuf).
+  struct Tile {
+    Code kc[kT], vc[kT];
+    alignas(64) float kx[kT][D];
+    bool is_exact[kT];
+  };
+  static thread_local Tile tiles[2];
+  auto stage = [&](int64_t p0, Tile& tl) {
     const int64_t tn = std::min(kT, t1 - p0);
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
-      kexact[x] = exact(p, 0);
-      if (kexact[x]) {  // exact rows live in ebuf: copy before the next exact() call
-        std::copy(kexact[x], kexact[x] + D, vbufs[x]);
-        kexact[x] = vbufs[x];
+      const float* e = exact(p, 0);
+      tl.is_exact[x] = e != nullptr;
+      if (e) {
+        std::copy(e, e + D, tl.kx[x]);
+        continue;
       }
-      vexact[x] = nullptr;
-      if (!kexact[x]) {
-        const uint8_t* slot = slot_of(p);
-        A.dk->unpack(slot + A.fk.offset, A.cache_end, kcodes[x]);
-        A.dv->unpack(slot + A.fv.offset, A.cache_end, vcodes[x]);
-        for (int64_t s = 0; s < A.fk.atoms; ++s) prefetch_row(ka + int64_t(kcodes[x].idx[s]) * D, D);
-        for (int64_t s = 0; s < A.fv.atoms; ++s) prefetch_row(va + int64_t(vcodes[x].idx[s]) * D, D);
-      }
+      const uint8_t* slot = slot_of(p);
+      A.dk->unpack(slot + A.fk.offset, A.cache_end, tl.kc[x]);
+      if (!kBins) A.dv->unpack(slot + A.fv.offset, A.cache_end, tl.vc[x]);
+      for (int64_t s = 0; s < A.fk.atoms; ++s) prefetch_row(ka + int64_t(tl.kc[x].idx[s]) * D, D);
     }
+  };
+  int cur = 0;
+  if (t0 < t1) stage(t0, tiles[0]);
+  for (int64_t p0 = t0; p0 < t1; p0 += kT, cur ^= 1) {
+    Tile& tl = tiles[cur];
+    const int64_t tn = std::min(kT, t1 - p0);
+    for (int64_t x = 0; !kBins && x < tn; ++x) {
+      if (tl.is_exact[x]) continue;
+      for (int64_t s = 0; s < A.fv.atoms; ++s) prefetch_row(va + int64_t(tl.vc[x].idx[s]) * D, D);
+    }
+    if (p0 + kT < t1) stage(p0 + kT, tiles[cur ^ 1]);
+    float* scores = kBins ? nullptr : tile_scores;
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
-      if (kexact[x]) {
-        load_v<D>(kexact[x], k);
+      if (tl.is_exact[x]) {
+        load_v<D>(tl.kx[x], k);
       } else {
-        rebuild_v<D>(kcodes[x], A.fk.atoms, ka, k);
+        rebuild_v<D>(tl.kc[x], A.fk.atoms, ka, k);
         if (A.apply) rope_v<D>(k, A.cos + p * D, A.sin + p * D);
       }
       for (int64_t y = 0; y < g; ++y) {
         __m512 s = _mm512_mul_ps(k.v[0], _mm512_load_ps(qs + y * D));
         for (int u = 1; u < VecD<D>::U; ++u) s = _mm512_fmadd_ps(k.v[u], _mm512_load_ps(qs + y * D + 16 * u), s);
-        scores[y * kT + x] = _mm512_reduce_add_ps(s);
+        const float sc = _mm512_reduce_add_ps(s);
+        if (kBins) all_scores[y * span16 + (p - t0)] = sc;
+        else scores[y * kT + x] = sc;
       }
     }
+    if (kBins) continue;
     for (int64_t y = 0; y < g; ++y) {
       float* sc = scores + y * kT;
       for (int64_t x = tn; x < kT; ++x) sc[x] = -INFINITY;
-      const __m512 s0 = _mm512_loadu_ps(sc), s1 = _mm512_loadu_ps(sc + 16);
-      const float mx = std::max(m[y], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-      const __m512 mxv = _mm512_set1_ps(mx);
-      const __m512 e0 = exp_ps(_mm512_sub_ps(s0, mxv)), e1 = exp_ps(_mm512_sub_ps(s1, mxv));
+      const __m512 s0 = _mm512_loadu_ps(sc);
+      const float mx = std::max(m[y], _mm512_reduce_max_ps(s0));
+      const __m512 e0 = exp_ps(_mm512_sub_ps(s0, _mm512_set1_ps(mx)));
       _mm512_storeu_ps(sc, e0);
-      _mm512_storeu_ps(sc + 16, e1);
       const float corr = m[y] == -INFINITY ? 0.0f : std::exp(m[y] - mx);
-      l[y] = l[y] * corr + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+      l[y] = l[y] * corr + _mm512_reduce_add_ps(e0);
       if (corr != 1.0f) {
         const __m512 cv = _mm512_set1_ps(corr);
         for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(acc + y * D + 16 * u, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + y * D + 16 * u)));
@@ -966,10 +991,11 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
     }
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
-      if (kexact[x] && (vexact[x] = exact(p, 1))) {  // a token is exact for K and V alike
-        load_v<D>(vexact[x], v);
+      const float* ve = tl.is_exact[x] ? exact(p, 1) : nullptr;  // a token is exact for K and V alike
+      if (ve) {
+        load_v<D>(ve, v);
       } else {
-        rebuild_v<D>(vcodes[x], A.fv.atoms, va, v);
+        rebuild_v<D>(tl.vc[x], A.fv.atoms, va, v);
       }
       for (int64_t y = 0; y < g; ++y) {
         const __m512 e = _mm512_set1_ps(scores[y * kT + x]);
@@ -977,6 +1003,73 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
         for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
       }
     }
+  }
+  if (!kBins) return;
+  // Softmax weights of every token (second pass), then the values: exact ones directly,
+  // coded ones into the bins, and the bins through the dictionary once.
+  for (int64_t y = 0; y < g; ++y) {
+    float* sc = all_scores.data() + y * span16;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t x = 0; x < span16; x += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + x));
+    m[y] = _mm512_reduce_max_ps(mx);
+    const __m512 mv = _mm512_set1_ps(m[y]);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t x = 0; x < span16; x += 16) {
+      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + x), mv));
+      _mm512_storeu_ps(sc + x, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    l[y] = _mm512_reduce_add_ps(sum);
+  }
+  const int64_t a_n = A.va_rows;
+  bins.assign(g * a_n, 0.0f);
+  Code vcode;
+  for (int64_t p = t0; p < t1; ++p) {
+    if (exact(p, 0)) {  // exact for K and V alike
+      load_v<D>(exact(p, 1), v);
+      for (int64_t y = 0; y < g; ++y) {
+        const __m512 e = _mm512_set1_ps(all_scores[y * span16 + (p - t0)]);
+        float* a = acc + y * D;
+        for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
+      }
+      continue;
+    }
+    A.dv->unpack(slot_of(p) + A.fv.offset, A.cache_end, vcode);
+    for (int64_t y = 0; y < g; ++y) {
+      const float e = all_scores[y * span16 + (p - t0)];
+      float* w = bins.data() + y * a_n;
+      for (int64_t s = 0; s < A.fv.atoms; ++s) w[vcode.idx[s]] += e * vcode.coef[s];
+    }
+  }
+  for (int64_t a = 0; a < a_n; ++a) {
+    bool any = false;
+    for (int64_t y = 0; y < g; ++y) any |= bins[y * a_n + a] != 0.0f;
+    if (!any) continue;
+    const T* row_a = va + a * D;
+    VecD<D> atom;
+    for (int u = 0; u < VecD<D>::U; ++u) atom.v[u] = load16(row_a + 16 * u);
+    for (int64_t y = 0; y < g; ++y) {
+      const __m512 w = _mm512_set1_ps(bins[y * a_n + a]);
+      float* o = acc + y * D;
+      for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(o + 16 * u, _mm512_fmadd_ps(w, atom.v[u], _mm512_loadu_ps(o + 16 * u)));
+    }
+  }
+}
+#endif
+
+#if defined(__AVX512F__)
+template <typename T>
+void attend_dispatch(const AttnArgs& A, const T* ka, const T* va, bool bins, int64_t i, int64_t head, int64_t t0,
+                     int64_t t1, float* m, float* l, float* acc) {
+  if (A.d == 64) {
+    if (bins) attend_item<64, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
+    else attend_item<64, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
+  } else if (A.d == 128) {
+    if (bins) attend_item<128, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
+    else attend_item<128, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
+  } else {
+    if (bins) attend_item<256, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
+    else attend_item<256, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
   }
 }
 #endif
@@ -1000,7 +1093,17 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   const at::Tensor table = block_table_in.to(at::kLong).contiguous();
   const at::Tensor lens = seq_lens_in.to(at::kLong).contiguous();
   const at::Tensor rows = rows_in.to(at::kLong).contiguous();
-  const at::Tensor ka = key_atoms_in.to(at::kFloat).contiguous(), va = value_atoms_in.to(at::kFloat).contiguous();
+#if defined(__AVX512F__)
+  // bf16 dictionaries are read as they are (the fast kernel converts rows in registers).
+  const bool bf16_atoms = key_atoms_in.scalar_type() == at::kBFloat16 &&
+                          value_atoms_in.scalar_type() == at::kBFloat16 &&
+                          key_atoms_in.is_contiguous() && value_atoms_in.is_contiguous() &&
+                          (query_in.size(2) == 64 || query_in.size(2) == 128 || query_in.size(2) == 256);
+#else
+  const bool bf16_atoms = false;
+#endif
+  const at::Tensor ka = bf16_atoms ? key_atoms_in : key_atoms_in.to(at::kFloat).contiguous();
+  const at::Tensor va = bf16_atoms ? value_atoms_in : value_atoms_in.to(at::kFloat).contiguous();
   const at::Tensor kl = key_ladder_in.numel() ? key_ladder_in.to(at::kFloat).contiguous() : key_ladder_in;
   const at::Tensor vl = value_ladder_in.numel() ? value_ladder_in.to(at::kFloat).contiguous() : value_ladder_in;
   const at::Tensor own_k = own_k_in.contiguous(), own_v = own_v_in.contiguous();
@@ -1024,12 +1127,21 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   const float* vlp = fv.kind == 2 ? vl.data_ptr<float>() : nullptr;
 
   // Work items (request, KV head, split); partial (max, sum, acc[G, D]) per item.
+#if defined(__AVX512F__)
+  const bool bins_allowed = d == 64 || d == 128 || d == 256;  // the vectorised kernel's
+#else
+  const bool bins_allowed = false;
+#endif
+  // A context long enough for value bins is one item (its softmax is two-pass), else
+  // split every kSplitTokens tokens.
   std::vector<int64_t> first(b_n + 1, 0);
+  std::vector<char> binned(b_n, 0);
   for (int64_t i = 0; i < b_n; ++i) {
     const int64_t t = lens.data_ptr<int64_t>()[i];
     TORCH_CHECK(t >= 1, "a decode request has at least its own token");
     TORCH_CHECK((t + bs - 1) / bs <= table.size(1), "block table too short for the sequence");
-    first[i + 1] = first[i] + (t + kSplitTokens - 1) / kSplitTokens;
+    binned[i] = bins_allowed && t * fv.atoms >= kBinFactor * va.size(0);
+    first[i + 1] = first[i] + (binned[i] ? 1 : (t + kSplitTokens - 1) / kSplitTokens);
   }
   const int64_t splits = first[b_n];
   std::vector<float> part_m(splits * h * g), part_l(splits * h * g), part_acc(splits * h * g * d);
@@ -1038,18 +1150,16 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   const float sc = static_cast<float>(scale);
 
   const Decoder dk(fk, klp, mk), dv(fv, vlp, mv);
-  AttnArgs args{fk, fv, &dk, &dv, cache + kv_cache.numel(), q.data_ptr<float>(), ka.data_ptr<float>(), va.data_ptr<float>(), klp, vlp,
+  AttnArgs args{fk, fv, &dk, &dv, cache + kv_cache.numel(), q.data_ptr<float>(),
+                bf16_atoms ? nullptr : ka.data_ptr<float>(), bf16_atoms ? nullptr : va.data_ptr<float>(), klp, vlp,
                 apply ? cos.data_ptr<float>() : nullptr, apply ? sin.data_ptr<float>() : nullptr,
-                mk, mv, h, g, d, bs, cb, hq, wlen, table.size(1), cache, tab,
+                mk, mv, h, g, d, bs, cb, hq, wlen, table.size(1), va.size(0), cache, tab,
                 lens.data_ptr<int64_t>(), rows.data_ptr<int64_t>(),
                 wlen ? widx.data_ptr<int64_t>() : nullptr, &own_k, &own_v, &win, apply,
                 static_cast<float>(scale)};
   (void)args;
 #if defined(__AVX512F__)
   const bool fast = d == 64 || d == 128 || d == 256;
-  const bool bf16_atoms = key_atoms_in.scalar_type() == at::kBFloat16 &&
-                          value_atoms_in.scalar_type() == at::kBFloat16 &&
-                          key_atoms_in.is_contiguous() && value_atoms_in.is_contiguous();
 #else
   const bool fast = false;
 #endif
@@ -1060,20 +1170,16 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
         const int64_t sidx = w / h, head = w % h;
         const int64_t i = std::upper_bound(first.begin(), first.end(), sidx) - first.begin() - 1;
         const int64_t t = args.lens[i];
-        const int64_t t0 = (sidx - first[i]) * kSplitTokens, t1 = std::min(t, t0 + kSplitTokens);
+        const int64_t t0 = binned[i] ? 0 : (sidx - first[i]) * kSplitTokens;
+        const int64_t t1 = binned[i] ? t : std::min(t, t0 + kSplitTokens);
         float* m = &part_m[w * g];
         float* l = &part_l[w * g];
         float* acc = &part_acc[w * g * d];
         if (bf16_atoms) {
-          const auto* kb = key_atoms_in.data_ptr<c10::BFloat16>();
-          const auto* vb = value_atoms_in.data_ptr<c10::BFloat16>();
-          if (d == 64) attend_item<64>(args, kb, vb, i, head, t0, t1, m, l, acc);
-          else if (d == 128) attend_item<128>(args, kb, vb, i, head, t0, t1, m, l, acc);
-          else attend_item<256>(args, kb, vb, i, head, t0, t1, m, l, acc);
+          attend_dispatch(args, key_atoms_in.data_ptr<c10::BFloat16>(), value_atoms_in.data_ptr<c10::BFloat16>(),
+                          binned[i], i, head, t0, t1, m, l, acc);
         } else {
-          if (d == 64) attend_item<64>(args, args.ka, args.va, i, head, t0, t1, m, l, acc);
-          else if (d == 128) attend_item<128>(args, args.ka, args.va, i, head, t0, t1, m, l, acc);
-          else attend_item<256>(args, args.ka, args.va, i, head, t0, t1, m, l, acc);
+          attend_dispatch(args, args.ka, args.va, binned[i], i, head, t0, t1, m, l, acc);
         }
       }
       return;
