@@ -351,8 +351,8 @@ void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const flo
   for (; a + 16 <= a1; a += 16) {
     __m512 acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    const uint16_t* col = at2 + a * d;  // group a / 16: D/2 consecutive 64-byte lines
-    for (int64_t j = 0; j < d / 2; ++j, col += 32) {
+    const uint16_t* col = at2 + a * 2;
+    for (int64_t j = 0; j < d / 2; ++j, col += a_total * 2) {
       const __m512bh c = (__m512bh)_mm512_loadu_si512(col);
       for (int r = 0; r < R; ++r)
         acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[r][j])), c);
@@ -381,7 +381,7 @@ void dispatch_rows_bf16(std::integer_sequence<int, Rs...>, int64_t rows, const f
 // broadcast for free); the offset's 128 * sum(row) comes back out once per row.
 // Candidates are rescored in fp32 as on the bf16 path.
 struct I8Table {
-  const uint8_t* q;      // [A/16, D/4, 16, 4], int8 + 128
+  const uint8_t* q;      // [D/4, A, 4], int8 + 128
   const float* scale;    // [A]
 };
 
@@ -412,8 +412,8 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* 
   for (; a + 16 <= a1; a += 16) {
     __m512i acc[R];
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-    const uint8_t* col = t8.q + a * d;  // group a / 16: D/4 consecutive 64-byte lines
-    for (int64_t j = 0; j < d / 4; ++j, col += 64) {
+    const uint8_t* col = t8.q + a * 4;
+    for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
       const __m512i c = _mm512_loadu_si512(col);
       for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], c, _mm512_set1_epi32(quads[j][r]));
     }
@@ -438,8 +438,8 @@ void dispatch_rows_i8(std::integer_sequence<int, Rs...>, int64_t rows, const flo
 // it is given (atoms_t2 != nullptr), else exactly in fp32 from atoms_t [D, A].
 struct CorrTable {
   const float* fp32 = nullptr;      // [D, A]
-  const uint16_t* bf16 = nullptr;   // [A/16, D/2, 16, 2]
-  const uint8_t* i8 = nullptr;      // [A/16, D/4, 16, 4] int8 + 128, with:
+  const uint16_t* bf16 = nullptr;   // [D/2, A, 2]
+  const uint8_t* i8 = nullptr;      // [D/4, A, 4] int8 + 128, with:
   const float* i8_scale = nullptr;  // [A]
 };
 
@@ -557,18 +557,16 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
 #if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
     TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI (see csr_cpu::isa)");
 #endif
-    TORCH_CHECK(atoms_t.dim() == 4 && atoms_t.size(0) == a_total / 16 && atoms_t.size(1) == d / 4 &&
-                atoms_t.size(2) == 16 && atoms_t.size(3) == 4 && d % 4 == 0 && d <= 256,
-                "int8 atoms_t must be [A/16, D/4, 16, 4] uint8");
+    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
+                atoms_t.size(2) == 4 && d % 4 == 0 && d <= 256, "int8 atoms_t must be [D/4, A, 4] uint8");
     i8_scale = corr_scale_in.to(at::kFloat).contiguous();
     TORCH_CHECK(i8_scale.dim() == 1 && i8_scale.size(0) == a_total, "int8 atoms_t needs corr_scale [A]");
   } else if (pairs) {
 #if !defined(__AVX512BF16__)
     TORCH_CHECK(false, "bf16 correlation tables need a build with AVX512-BF16 (see csr_cpu::isa)");
 #endif
-    TORCH_CHECK(atoms_t.dim() == 4 && atoms_t.size(0) == a_total / 16 && atoms_t.size(1) == d / 2 &&
-                atoms_t.size(2) == 16 && atoms_t.size(3) == 2 && d % 2 == 0 && d <= 256,
-                "bf16 atoms_t must be [A/16, D/2, 16, 2]");
+    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 2 && atoms_t.size(1) == a_total &&
+                atoms_t.size(2) == 2 && d % 2 == 0 && d <= 256, "bf16 atoms_t must be [D/2, A, 2]");
   } else {
     TORCH_CHECK(atoms_t.dim() == 2 && atoms_t.size(0) == d && atoms_t.size(1) == a_total, "atoms_t must be [D, A]");
   }
