@@ -9,6 +9,7 @@ and the current chunk, the reference codec's reconstruction elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import types
 from unittest import mock
 
@@ -225,8 +226,18 @@ def test_real_codec_matches_reference_codec(gen, sparse, window, kernels, shape)
     assert (eng.runtime.native is not None) == (kernels == "native")
     for chunks in SCHEDULE:
         out, query, ids, qlens = eng.step(chunks, sparse=sparse)
-        want = eng.reference(ids, qlens, query, codec_view(eng, dicts, window))
+        want = eng.reference(ids, qlens, query, codec_view(eng, as_used(dicts, kernels), window))
         torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)
+
+
+def as_used(dicts: DictionarySet, kernels: str) -> DictionarySet:
+    """The atoms an engine with ``kernels`` codes and reads with: the native kernels use the
+    dictionaries rounded to bf16 (csr_vllm.engine.native_path.TensorTables), so the reference
+    they are held to is the reference codec over those atoms."""
+    if kernels != "native":
+        return dicts
+    return dataclasses.replace(dicts, key_atoms=dicts.key_atoms.bfloat16().float(),
+                               value_atoms=dicts.value_atoms.bfloat16().float())
 
 
 def test_scratch_peak_is_recorded(gen):
@@ -317,3 +328,39 @@ def test_outlier_pool_size_formula_matches_allocation():
 
     pool = OutlierGuard(100, D, H, DTYPE)
     assert pool.nbytes == OutlierGuard.bytes_for(100, D, DTYPE)
+
+
+def test_native_engines_hold_their_dictionaries_in_bf16_only(gen):
+    """With the native kernels the backend keeps bf16 atoms, not the fp32 set: half the
+    dictionaries' side memory, no second copy in the native tables, and exactly the outputs
+    of an engine handed the fp32 set (the kernels round it to bf16 themselves)."""
+    from csr_vllm.engine.backend import CSRAttentionBackend
+    from csr_vllm.engine.native_path import dictionaries_for
+
+    dicts = random_dictionary(gen)
+    kept = dictionaries_for(dicts, CSRSettings())
+    assert kept.key_atoms.dtype == kept.value_atoms.dtype == torch.bfloat16
+    assert kept.nbytes * 2 == dicts.nbytes
+    assert torch.equal(kept.key_atoms.float(), dicts.key_atoms.bfloat16().float())
+    for settings in (CSRSettings(kernels="reference"),
+                     CSRSettings(outlier_threshold=0.5, outlier_capacity=8)):
+        assert dictionaries_for(dicts, settings) is dicts  # the reference codec's fp32
+
+    saved = CSRAttentionBackend.dicts, CSRAttentionBackend.settings
+    try:
+        CSRAttentionBackend.configure(dicts, CSRSettings())
+        assert CSRAttentionBackend.dicts.key_atoms.dtype == torch.bfloat16
+    finally:
+        CSRAttentionBackend.dicts, CSRAttentionBackend.settings = saved
+
+    outs, sides = [], []
+    for d in (dicts, kept):
+        eng = Engine(d, CSRSettings(guard_window=16, guard_max_seqs=8),
+                     torch.Generator().manual_seed(5))
+        outs.append([eng.step(chunks, sparse=True)[0] for chunks in SCHEDULE])
+        sides.append(eng.runtime.side_bytes())
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    full, half = sides
+    assert half["dictionaries"] * 2 == full["dictionaries"]
+    assert full["native_tables"] - half["native_tables"] == kept.nbytes  # the bf16 copy

@@ -42,6 +42,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec
 from csr_vllm.codec.dictionary import DictionarySet
 from csr_vllm.engine.backend_spec import CSRBackendSpec, layer_index, metadata_of
 from csr_vllm.engine.guard import OutlierGuard
+from csr_vllm.engine.native_path import dictionaries_for
 from csr_vllm.engine.page_layout import with_adaptation
 from csr_vllm.engine.runtime import CSRRuntime, StepPlan
 from csr_vllm.engine.settings import CSRSettings
@@ -54,7 +55,9 @@ class CSRAttentionBackend(CSRBackendSpec, CPUAttentionBackend):
 
     @classmethod
     def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
-        super().configure(with_adaptation(dicts, settings.adapt_atoms), settings)
+        # In bf16 when the native kernels will serve them (the fp32 set is not kept).
+        dicts = dictionaries_for(with_adaptation(dicts, settings.adapt_atoms), settings)
+        super().configure(dicts, settings)
 
     @staticmethod
     def get_impl_cls() -> type[CSRAttentionImpl]:

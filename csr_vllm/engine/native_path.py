@@ -9,6 +9,7 @@ grows with the longest position seen. The runtime calls it instead of the refere
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,16 @@ from csr_vllm.codec.rope import rope_tables
 from csr_vllm.engine.settings import CSRSettings
 
 _EMPTY = torch.empty(0)
+
+
+def dictionaries_for(dicts: DictionarySet, settings: CSRSettings) -> DictionarySet:
+    """The dictionaries as an engine keeps them: in bf16 when the native kernels serve this
+    setting (they read and fit codes to bf16 atoms, :class:`TensorTables`; the fp32 tensors
+    are then not held, half the side memory), else as loaded (the reference codec's fp32)."""
+    if why_not_native(dicts, settings) is not None or dicts.key_atoms.dtype == torch.bfloat16:
+        return dicts
+    return dataclasses.replace(dicts, key_atoms=dicts.key_atoms.to(torch.bfloat16),
+                               value_atoms=dicts.value_atoms.to(torch.bfloat16))
 
 
 def why_not_native(dicts: DictionarySet, settings: CSRSettings) -> str | None:
@@ -45,11 +56,12 @@ class TensorTables:
     """One layer's tables of one tensor (K or V), as the kernels take them.
 
     Attributes:
-        atoms: [A, D] float32 (the reference codec's own tensor, not a copy): the encoder's
-            fp32 rescoring and least squares.
-        read_atoms: [A, D] bfloat16 copy the read paths gather rows from: half the bytes of
-            fp32 per row, and a layer's dictionary is read from memory on every step (its
-            rounding, 2^-9 of an entry, is far below the codes' own error).
+        atoms: [A, D] bfloat16, the atoms both paths use: the read paths gather its rows
+            (every decode step reads every layer's dictionaries, so half of fp32's bytes
+            matters) and the encoder fits its codes to them (rescoring, least squares), so a
+            code is exact for the atoms it is read with. The codec's own tensor when the
+            engine holds its dictionaries in bf16 (:func:`dictionaries_for`), else a copy;
+            the rounding (2^-9 of an entry) is far below the codes' own error.
         atoms_t, corr_scale: the encoder's correlation table (atoms in SIMD lanes), the
             fastest this build takes (:func:`csr_vllm.native.best_layout`): int8 channel
             quads with per-atom scales (AVX512-VNNI), bf16 pairs (AVX512-BF16), or exact
@@ -57,30 +69,32 @@ class TensorTables:
         ladder: [S, M] float32 ladder table of a logB code, else empty.
         fmt: :func:`csr_vllm.native.format_ints` at the tensor's byte offset in the slot.
         omp: OMP (True) or matching pursuit.
+        own: whether ``atoms`` is a copy held beside the codec's (counted as extra bytes).
     """
 
     atoms: Tensor
-    read_atoms: Tensor
     atoms_t: Tensor
     corr_scale: Tensor
     ladder: Tensor
     fmt: list[int]
     omp: bool
+    own: bool
 
     @classmethod
     def of(cls, codec: TensorCodec, offset: int, ops) -> TensorTables:
-        atoms = codec.atoms[0].float().contiguous()
+        source = codec.atoms[0]
+        atoms = source.to(torch.bfloat16).contiguous()
         layout = native.best_layout(ops, atoms.shape[1], atoms.shape[0])
-        atoms_t, corr_scale = native.correlation_table(atoms, layout)
+        atoms_t, corr_scale = native.correlation_table(atoms.float(), layout)
         ladder = codec.ladder_table()
-        return cls(atoms, atoms.to(torch.bfloat16), atoms_t, corr_scale,
-                   ladder[0] if ladder is not None else _EMPTY,
-                   native.format_ints(codec.config, offset), codec.config.pursuit == "omp")
+        return cls(atoms, atoms_t, corr_scale, ladder[0] if ladder is not None else _EMPTY,
+                   native.format_ints(codec.config, offset), codec.config.pursuit == "omp",
+                   atoms.data_ptr() != source.data_ptr())
 
     @property
     def extra_bytes(self) -> int:
-        """Bytes beyond the reference's dictionaries (correlation table, bf16 copy)."""
-        return self.atoms_t.nbytes + self.corr_scale.nbytes + self.read_atoms.nbytes
+        """Bytes beyond the codec's dictionaries (correlation table, any bf16 copy)."""
+        return self.atoms_t.nbytes + self.corr_scale.nbytes + self.atoms.nbytes * self.own
 
 
 @dataclass(frozen=True)
@@ -150,7 +164,7 @@ class NativeKernels:
         if len(blocks):
             cos, sin = self._rope(int((pos0 + counts).max()))
             self.ops.decode_dense(kv_cache, blocks, counts, pos0, t.key.fmt, t.value.fmt,
-                                  t.key.read_atoms, t.key.ladder, t.value.read_atoms,
+                                  t.key.atoms, t.key.ladder, t.value.atoms,
                                   t.value.ladder, cos,
                                   sin, self.pre_rope, out_k, out_v)
         return out_k, out_v
@@ -165,8 +179,8 @@ class NativeKernels:
         cos, sin = self._rope(int(seq_lens.max()))
         rows = torch.arange(len(seq_lens))
         self.ops.decode_attention(query, kv_cache, block_table, seq_lens, rows, t.key.fmt,
-                                  t.value.fmt, t.key.read_atoms, t.key.ladder,
-                                  t.value.read_atoms, t.value.ladder, cos, sin, self.pre_rope,
+                                  t.value.fmt, t.key.atoms, t.key.ladder,
+                                  t.value.atoms, t.value.ladder, cos, sin, self.pre_rope,
                                   window_store if window_store is not None else _EMPTY,
                                   window_index, own_key, own_value, scale, output)
 

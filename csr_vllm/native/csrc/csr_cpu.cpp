@@ -215,6 +215,22 @@ inline float dot(const float* a, const float* b, int64_t d) {
   return s;
 }
 
+// The dictionary's rows [A, D] as the encoder reads them: float32, or bfloat16 converted a row
+// at a time (the engine keeps only a bf16 copy when the native kernels serve it).
+struct AtomRows {
+  const float* f32 = nullptr;
+  const c10::BFloat16* b16 = nullptr;
+  int64_t d = 0;
+  // Row a as float32: the row itself, or converted into buf [d].
+  inline const float* row(int64_t a, float* buf) const {
+    if (f32) return f32 + a * d;
+    const c10::BFloat16* p = b16 + a * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; ++j) buf[j] = static_cast<float>(p[j]);
+    return buf;
+  }
+};
+
 // -- correlation: argmax_a |<r_i, atom_a>| for a block of rows ----------------------------
 // atoms_t is [D, A] (atoms in lanes), so a block of R rows reads the dictionary once and keeps
 // every correlation in registers: the [N, A] product is never written out.
@@ -284,19 +300,20 @@ constexpr int kRescore = 4;  // lane winners rescored in fp32 (bf16 / int8 corre
 #if defined(__AVX512F__)
 // The kRescore best lanes of one row's quantised scores (per-lane value bv, index bi)
 // rescored exactly in fp32, then the range's tail [a, a1) (fewer than 16 atoms) exactly.
-inline void rescore_lanes(const float* bv, const int32_t* bi, const float* rr, const float* atoms,
+inline void rescore_lanes(const float* bv, const int32_t* bi, const float* rr, const AtomRows& atoms,
                           int64_t d, int64_t a, int64_t a1, float& best_abs, int32_t& best_idx) {
   int order[16];
+  alignas(64) float buf[256];
   for (int x = 0; x < 16; ++x) order[x] = x;
   std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
   for (int x = 0; x < kRescore; ++x) {
     if (bv[order[x]] < 0.0f) break;  // an empty lane (range shorter than 16 atoms)
     const int32_t id = bi[order[x]];
-    const float v = std::fabs(dot(rr, atoms + int64_t(id) * d, d));
+    const float v = std::fabs(dot(rr, atoms.row(id, buf), d));
     if (v > best_abs || (v == best_abs && id < best_idx)) { best_abs = v; best_idx = id; }
   }
   for (int64_t t = a; t < a1; ++t) {
-    const float v = std::fabs(dot(rr, atoms + t * d, d));
+    const float v = std::fabs(dot(rr, atoms.row(t, buf), d));
     if (v > best_abs) { best_abs = v; best_idx = static_cast<int32_t>(t); }
   }
 }
@@ -316,7 +333,7 @@ struct LaneBest {
     v[r] = _mm512_mask_mov_ps(v[r], gt, score);
     i[r] = _mm512_mask_mov_epi32(i[r], gt, ids);
   }
-  void finish(const float* res, const float* atoms, int64_t d, int64_t a, int64_t a1,
+  void finish(const float* res, const AtomRows& atoms, int64_t d, int64_t a, int64_t a1,
               float* best_abs, int32_t* best_idx) const {
     for (int r = 0; r < R; ++r) {
       alignas(64) float bv[16];
@@ -338,7 +355,7 @@ struct LaneBest {
 constexpr int kBf16Rows = 8;
 
 template <int R>
-void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const float* atoms,
+void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const AtomRows& atoms,
                      int64_t a0, int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
   uint32_t pairs[R][128];
   for (int r = 0; r < R; ++r)
@@ -365,7 +382,7 @@ void best_atoms_bf16(const float* res, int64_t d, const uint16_t* at2, const flo
 
 template <int... Rs>
 void dispatch_rows_bf16(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
-                        const uint16_t* at2, const float* atoms, int64_t a0, int64_t a1,
+                        const uint16_t* at2, const AtomRows& atoms, int64_t a0, int64_t a1,
                         int64_t a_total, float* best_abs, int32_t* best_idx) {
   ((rows == Rs + 1 ? best_atoms_bf16<Rs + 1>(res, d, at2, atoms, a0, a1, a_total, best_abs, best_idx)
                    : void()), ...);
@@ -386,7 +403,7 @@ struct I8Table {
 };
 
 template <int R>
-void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* atoms, int64_t a0,
+void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRows& atoms, int64_t a0,
                    int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
   alignas(64) int32_t quads[64][R];  // [channel quad][row]: one cache line feeds R rows
   __m512i offset[R];
@@ -427,7 +444,7 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const float* 
 
 template <int... Rs>
 void dispatch_rows_i8(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
-                      const I8Table& t8, const float* atoms, int64_t a0, int64_t a1,
+                      const I8Table& t8, const AtomRows& atoms, int64_t a0, int64_t a1,
                       int64_t a_total, float* best_abs, int32_t* best_idx) {
   ((rows == Rs + 1 ? best_atoms_i8<Rs + 1>(res, d, t8, atoms, a0, a1, a_total, best_abs, best_idx)
                    : void()), ...);
@@ -444,7 +461,7 @@ struct CorrTable {
 };
 
 void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
-                    const float* atoms, int64_t a0, int64_t a1, int64_t a_total,
+                    const AtomRows& atoms, int64_t a0, int64_t a1, int64_t a_total,
                     float* best_abs, int32_t* best_idx);
 
 void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t, int64_t a0,
@@ -466,7 +483,7 @@ void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t,
 }
 
 void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
-                    const float* atoms, int64_t a0, int64_t a1, int64_t a_total,
+                    const AtomRows& atoms, int64_t a0, int64_t a1, int64_t a_total,
                     float* best_abs, int32_t* best_idx) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (t.i8) {
@@ -543,8 +560,10 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.dim() == 4 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous uint8 [NB, H, BS, C] tensor");
   const int64_t n = x_in.size(0), h = x_in.size(1), d = x_in.size(2);
+  TORCH_CHECK(d <= 256, "head_dim above 256 is not supported by the native encoder");
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const at::Tensor atoms = atoms_in.to(at::kFloat).contiguous();
+  const at::Tensor atoms = atoms_in.scalar_type() == at::kBFloat16 ? atoms_in.contiguous()
+                                                                   : atoms_in.to(at::kFloat).contiguous();
   const bool pairs = atoms_t_in.scalar_type() == at::kBFloat16;
   const bool quads = atoms_t_in.scalar_type() == at::kByte;
   const at::Tensor atoms_t = pairs || quads ? atoms_t_in.contiguous() : atoms_t_in.to(at::kFloat).contiguous();
@@ -615,7 +634,10 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   } else {
     table.fp32 = atoms_t.data_ptr<float>();
   }
-  const float* ar = atoms.data_ptr<float>();
+  AtomRows ar;
+  ar.d = d;
+  if (atoms.scalar_type() == at::kBFloat16) ar.b16 = atoms.data_ptr<c10::BFloat16>();
+  else ar.f32 = atoms.data_ptr<float>();
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const int64_t threads = at::get_num_threads();
   const int64_t splits = blocks >= threads ? 1 : std::min<int64_t>((threads + blocks - 1) / blocks, a_total / 512 + 1);
@@ -639,7 +661,8 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
           if (part_abs[sp * rows + r] > bv) { bv = part_abs[sp * rows + r]; bi = part_idx[sp * rows + r]; }
         }
         picks[r * s_n + k] = bi;
-        const float* atom = ar + int64_t(bi) * d;
+        alignas(64) float abuf[256];
+        const float* atom = ar.row(bi, abuf);
         if (!omp) {  // matching pursuit: the pick's quantised correlation, off the residual
           float* rr = &res[r * d];
           uint32_t code = 0;
@@ -682,11 +705,12 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   const float ridge = 1e-6f;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     std::vector<float> gram(s_n * s_n), rhs(s_n), target(d);
+    alignas(64) float b1[256], b2[256];
     for (int64_t r = r0; r < r1; ++r) {
       const int32_t* idx = &picks[r * s_n];
       for (int64_t i = 0; omp && i < s_n; ++i)
         for (int64_t j = 0; j <= i; ++j)
-          gram[i * s_n + j] = gram[j * s_n + i] = dot(ar + int64_t(idx[i]) * d, ar + int64_t(idx[j]) * d, d);
+          gram[i * s_n + j] = gram[j * s_n + i] = dot(ar.row(idx[i], b1), ar.row(idx[j], b2), d);
       uint8_t buf[kMaxCodeBytes + 8];
       std::memset(buf, 0, sizeof(buf));
       if (!omp) {  // codes chosen in the pursuit; the residual is the final one
@@ -698,13 +722,13 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
       }
       if (omp) std::copy(&x0[r * d], &x0[r * d] + d, target.begin());
       for (int64_t k = 0; omp && k < s_n; ++k) {
-        for (int64_t i = k; i < s_n; ++i) rhs[i] = dot(ar + int64_t(idx[i]) * d, target.data(), d);
+        for (int64_t i = k; i < s_n; ++i) rhs[i] = dot(ar.row(idx[i], b1), target.data(), d);
         const float free = first_of_solve(&gram[k * s_n + k], s_n, &rhs[k], s_n - k, ridge);
         uint32_t code = 0;
         const float c = quantize(f, free, k, lad, m, code);
         write_field(buf, k * f.coef_bits, f.coef_bits, code);
         write_field(buf, s_n * f.coef_bits + k * f.index_bits, f.index_bits, static_cast<uint32_t>(idx[k]));
-        const float* atom = ar + int64_t(idx[k]) * d;
+        const float* atom = ar.row(idx[k], b1);
 #pragma omp simd
         for (int64_t j = 0; j < d; ++j) target[j] -= c * atom[j];
       }
