@@ -164,8 +164,7 @@ class NativeKernels:
         if len(blocks):
             cos, sin = self._rope(int((pos0 + counts).max()))
             self.ops.decode_dense(kv_cache, blocks, counts, pos0, t.key.fmt, t.value.fmt,
-                                  t.key.atoms, t.key.ladder, t.value.atoms,
-                                  t.value.ladder, cos,
+                                  t.key.atoms, t.key.ladder, t.value.atoms, t.value.ladder, cos,
                                   sin, self.pre_rope, out_k, out_v)
         return out_k, out_v
 
@@ -179,13 +178,14 @@ class NativeKernels:
         cos, sin = self._rope(int(seq_lens.max()))
         rows = torch.arange(len(seq_lens))
         self.ops.decode_attention(query, kv_cache, block_table, seq_lens, rows, t.key.fmt,
-                                  t.value.fmt, t.key.atoms, t.key.ladder,
-                                  t.value.atoms, t.value.ladder, cos, sin, self.pre_rope,
+                                  t.value.fmt, t.key.atoms, t.key.ladder, t.value.atoms,
+                                  t.value.ladder, cos, sin, self.pre_rope,
                                   window_store if window_store is not None else _EMPTY,
                                   window_index, own_key, own_value, scale, output)
 
     @property
     def extra_bytes(self) -> int:
-        """Memory the native path holds beyond the reference's: transposed atoms, RoPE."""
+        """Memory the native path holds beyond the codec's dictionaries: correlation tables,
+        any bf16 copy of the atoms, the RoPE table."""
         return sum(t.key.extra_bytes + t.value.extra_bytes
                    for t in self.tables.values()) + self.rope.nbytes

@@ -99,7 +99,7 @@ class RuntimeStats:
 
     def _flush_errors(self) -> None:
         if self._pending_errors:
-            self._rel_error_sum += float(sum(float(e.sum()) for e in self._pending_errors))
+            self._rel_error_sum += sum(float(e.sum()) for e in self._pending_errors)
             self._pending_errors.clear()
 
     @property
@@ -235,7 +235,7 @@ class CSRRuntime:
             self._count_encode(t0, errs)
             self.window.write(layer, plan.window, key, value)
             return
-        live = (slots >= 0).nonzero().squeeze(1)
+        live = plan.live_rows if plan.live_rows is not None else torch.arange(n)
         if not live.numel():
             return
         bs = self.block_size
