@@ -24,6 +24,7 @@ from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.codec.identity import identity_dictionary
 from csr_vllm.codec.rope import apply_rope, rope_tables, undo_rope
 from csr_vllm.engine.backend import CSRAttentionImpl, CSRMetadata
+from csr_vllm.engine.native_path import VERIFIED_HEAD_DIMS
 from csr_vllm.engine.runtime import CSRRuntime
 from csr_vllm.engine.settings import CSRSettings
 
@@ -206,8 +207,8 @@ def test_lossless_codec_matches_dense_attention(gen, sparse, key_rope, kernels, 
     # head_dim 128 the engine must say so and take the reference.
     native = kernels == "native" and shape.head_dim <= 64
     assert (eng.runtime.native is not None) == native
-    if kernels == "native" and not native:
-        assert eng.runtime.native_off == "128 atoms per vector"
+    if kernels == "native" and not native:  # head_dim 128: the engine says why
+        assert eng.runtime.native_off.startswith("head_dim 128")
     exact = lambda r, t, q: (eng.k[r].float(), eng.v[r].float())  # noqa: E731
     for chunks in SCHEDULE:
         out, query, ids, qlens = eng.step(chunks, sparse=sparse)
@@ -223,10 +224,14 @@ def test_real_codec_matches_reference_codec(gen, sparse, window, kernels, shape)
     dicts = random_dictionary(gen, shape=shape)
     eng = Engine(dicts, CSRSettings(guard_window=window, guard_max_seqs=8, kernels=kernels),
                  gen)
-    assert (eng.runtime.native is not None) == (kernels == "native")
+    native = kernels == "native" and shape.head_dim in VERIFIED_HEAD_DIMS
+    assert (eng.runtime.native is not None) == native
+    if kernels == "native" and not native:
+        assert eng.runtime.native_off.startswith(f"head_dim {shape.head_dim}")
     for chunks in SCHEDULE:
         out, query, ids, qlens = eng.step(chunks, sparse=sparse)
-        want = eng.reference(ids, qlens, query, codec_view(eng, as_used(dicts, kernels), window))
+        want = eng.reference(ids, qlens, query,
+                             codec_view(eng, as_used(dicts, "native" if native else ""), window))
         torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)
 
 
