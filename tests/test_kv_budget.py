@@ -30,6 +30,17 @@ def test_less_memory_takes_a_share_of_what_is_left_after_the_reserve():
     assert "scheduler" not in b.line and f"{b.kv_bytes}" in b.line
 
 
+def test_a_store_that_grows_with_the_pool_takes_its_share_of_the_room():
+    # Qwen2.5-Coder-1.5B at csr-2b, layer 0 dense: 28 x 2 x 64 B in the pool, 2 x 512 B beside.
+    needs = PoolNeeds(5 * GiB, 300 * MiB, 3584, 32768, 1024, side_bytes_per_token=1024)
+    b = choose_kv_budget(12 * GiB, needs)
+    room = 12 * GiB - 5 * GiB - 300 * MiB
+    assert b.kv_bytes == int(kb.KEEP_FRACTION * room * 3584 / (3584 + 1024))
+    store = b.kv_bytes // 3584 * 1024
+    assert b.kv_bytes + store + needs.reserve_bytes <= 12 * GiB
+    assert "dense layers' store takes 1,024 B per pool token" in b.line
+
+
 def test_a_budget_holds_at_least_one_full_length_sequence_or_stops():
     needs = SMOL
     just = needs.reserve_bytes + int(needs.minimum_bytes / kb.KEEP_FRACTION) + 4

@@ -113,6 +113,13 @@ def scenario(model_dir, prompts, identity_dict, test_dict, request):
                                "engine": pressured, "env": {"OMP_NUM_THREADS": "1"}},
         "csr-2b-pressured": {"csr": {"dict": test_dict, "preset": "csr-2b"},
                              "engine": pressured},
+        # Every layer dense (a lossy dictionary, so only the dense store can be exact), under
+        # the same preemption and prefix hits: the store follows vLLM's block reuse as the
+        # pages do, or a reused block's stale K/V would change the output.
+        "dense-pressured": {"csr": {"dict": test_dict, "preset": "csr-2b", "guard_window": 0,
+                                    "dense_layers": list(range(30)),
+                                    "read_path": "reconstruct"},
+                            "engine": pressured, "env": {"OMP_NUM_THREADS": "1"}},
         # Sampling-based adaptation (3 atoms per block and tensor, in the block's own page):
         # preemption, prefix hits and block reuse must not leave stale atoms behind.
         "csr-2b-adapt": {"csr": {"dict": DEFAULT, "preset": "csr-2b", "adapt_atoms": 3}},
@@ -204,6 +211,14 @@ def test_preemption_and_prefix_caching_lose_no_request(scenario):
     # under the same pressure, not the unpressured run).
     assert res["outputs"] == stock["outputs"]
     assert agreement(res["outputs"][:5], scenario("lossless")["outputs"]) > 0.8
+
+
+def test_dense_layers_are_exact_under_preemption_and_prefix_caching(scenario):
+    stock, dense = scenario("bf16-pressured"), scenario("dense-pressured")
+    assert dense["preemptions"] > 0 and dense["csr"]["active"]
+    assert dense["outputs"] == stock["outputs"]
+    # 30 layers x 6 blocks x 3 KV heads x 128 slots x (K + V) x 64 channels x 2 bytes
+    assert dense["csr"]["side_bytes"]["dense_layers"] == 30 * 6 * 3 * 128 * 2 * 64 * 2
 
 
 def test_lossy_csr_under_pressure_completes(scenario, record_property):

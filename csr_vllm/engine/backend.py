@@ -102,6 +102,14 @@ class CSRMetadataBuilder(CPUAttentionMetadataBuilder):
             side["dictionaries"] / 2**20, side["window_guard"] / 2**20,
             self.runtime.window.capacity,
             _outlier_reserved(dicts, settings, vllm_config.model_config.dtype) / 2**20)
+        dense = self.runtime.dense
+        if dense:
+            n, slot = len(dicts.layers), self.runtime.layout.slot_bytes
+            all_in = (n * slot + dense.bytes_per_token() / dicts.kv_heads) / (n * 2 * dicts.shape.head_dim)
+            logger.info(
+                "CSR dense layers %s: K/V kept exactly (%d bytes per token beside the pool, "
+                "allocated with it); all-in %.3f bits/channel over %d layers",
+                sorted(dense.layers), dense.bytes_per_token(), 8 * all_in, n)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> CSRMetadata:

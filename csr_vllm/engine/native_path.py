@@ -23,14 +23,6 @@ from csr_vllm.engine.settings import CSRSettings
 
 _EMPTY = torch.empty(0)
 
-# Head sizes whose native path has been checked through a real model's generation. The ops
-# match the reference on random codes at 128 too (tests/test_native_kernels.py), but with
-# Qwen2.5-Coder-1.5B (head_dim 128) and its dictionary the native engine's greedy output broke
-# down from its first tokens while the reference engine's stayed coherent (2026-12-01, cause
-# not found yet), so other head sizes take the reference until that is understood.
-VERIFIED_HEAD_DIMS = (64,)
-
-
 def dictionaries_for(dicts: DictionarySet, settings: CSRSettings) -> DictionarySet:
     """The dictionaries as an engine keeps them: in bf16 when the native kernels serve this
     setting (they read and fit codes to bf16 atoms, :class:`TensorTables`; the fp32 tensors
@@ -47,9 +39,6 @@ def why_not_native(dicts: DictionarySet, settings: CSRSettings) -> str | None:
         return "kernels: reference was asked for"
     if dicts.config.per_head:
         return "per-head dictionaries"
-    if dicts.shape.head_dim not in VERIFIED_HEAD_DIMS:
-        return (f"head_dim {dicts.shape.head_dim}: the native kernels are verified end to end "
-                f"at head_dim {', '.join(map(str, VERIFIED_HEAD_DIMS))} only")
     if settings.outlier_threshold > 0 and settings.outlier_capacity:
         return "the outlier Guard"
     for tc in (dicts.config.key, dicts.config.value):

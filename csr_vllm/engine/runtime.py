@@ -18,6 +18,7 @@ from torch import Tensor
 from csr_vllm.codec.adaptation import LocalAtoms, atom_limit, filled_atoms
 from csr_vllm.codec.codec import SparseCode, TensorCodec
 from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.engine.dense_layers import DenseLayerStore, exact_decode_attention, full_index
 from csr_vllm.engine.guard import OutlierGuard, WindowGuard, WindowPlan, _ragged_arange
 from csr_vllm.engine.native_path import NativeKernels, why_not_native
 from csr_vllm.engine.page_layout import BlockAtoms, LayerCodec, SlotLayout, with_adaptation
@@ -49,6 +50,9 @@ class StepPlan:
         window_index: [num_decodes, W] pool slot * BS + offset of the dense window copy of
             each decode request's position t - 1 - W + w (-1: read its code); native path.
         live_rows: rows of the new tokens that have a slot (None: all of them).
+        dense_index: [num_decodes, max t] physical slot of every earlier position
+            (:func:`~csr_vllm.engine.dense_layers.full_index`), for the dense layers' decode
+            rows on the native path; None without dense layers.
     """
 
     positions: Tensor
@@ -64,6 +68,7 @@ class StepPlan:
     table: Tensor
     window_index: Tensor
     live_rows: Tensor | None = None
+    dense_index: Tensor | None = None
 
 
 ENCODE_BUCKETS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)  # seconds
@@ -135,6 +140,8 @@ class CSRRuntime:
                                   dicts.kv_heads, shape.head_dim, dtype)
         self.outliers: dict[tuple[int, str], OutlierGuard] = {}
         self.stats = RuntimeStats()
+        self.dense = DenseLayerStore(resolve_dense_layers(dicts, settings), dicts.kv_heads,
+                                     shape.head_dim, dtype)
         # The native CPU kernels where they implement this setting (else the reference).
         self.native_off = why_not_native(dicts, settings)
         self.native = None if self.native_off else NativeKernels(
@@ -180,9 +187,11 @@ class CSRRuntime:
         nd = num_decodes if sparse_decodes else 0
         live = slots >= 0
         live_rows = None if bool(live.all()) else live.nonzero().squeeze(1)
+        dense_index = full_index(table[:nd], seq_lens[:nd], bs) \
+            if self.dense and self.native is not None and nd else None
         return StepPlan(positions, ref_blocks, ref_pos0, scratch_table.to(torch.int32),
                         new_scratch, window, window_scratch, nd, seq_lens, query_lens, table,
-                        self._window_index(window, seq_lens, nd), live_rows)
+                        self._window_index(window, seq_lens, nd), live_rows, dense_index)
 
     def _window_index(self, window: WindowPlan, seq_lens: Tensor, nd: int) -> Tensor:
         """StepPlan.window_index of the first ``nd`` (decode) requests."""
@@ -222,6 +231,13 @@ class CSRRuntime:
         n = len(plan.positions)
         key, value = key[:n], value[:n]
         slots = slot_mapping[:n].long()
+        if layer in self.dense:  # exact: no code, no Guard copy (:mod:`dense_layers`)
+            rows = plan.live_rows
+            if rows is None:
+                self.dense.write(layer, kv_cache, key, value, slots)
+            elif rows.numel():
+                self.dense.write(layer, kv_cache, key[rows], value[rows], slots[rows])
+            return
         t0 = time.perf_counter()
         if self.native is not None:
             rows = plan.live_rows
@@ -305,6 +321,14 @@ class CSRRuntime:
                    kv_cache: Tensor) -> tuple[Tensor, Tensor]:
         """K, V [R * BS, H, D] of every referenced slot, in scratch order: reconstructed from
         the codes, then overlaid with outliers, the dense window and the step's own tokens."""
+        if layer in self.dense:
+            k, v = self.dense.read_blocks(layer, kv_cache, plan.ref_blocks)
+            k, v = k.clone(), v.clone()
+            n = len(plan.new_scratch)
+            live = plan.new_scratch >= 0
+            k[plan.new_scratch[live]] = key[:n][live].to(self.dtype)
+            v[plan.new_scratch[live]] = value[:n][live].to(self.dtype)
+            return k, v
         if self.native is not None:
             # Every referenced slot, as the reference: decoding only the slots before the
             # step's tokens changed greedy tokens under preemption + prefix caching with the
@@ -353,6 +377,9 @@ class CSRRuntime:
 
         query [N, Hq, D]; writes output rows [0, num_decodes) ([N, Hq * D] or [N, Hq, D])."""
         nd = plan.num_decodes
+        if layer in self.dense:
+            self._dense_decode(layer, plan, query, key, value, kv_cache, scale, output)
+            return
         if self.native is not None:
             store = self.window._store(layer) if self.window.capacity else None
             self.native.decode_attention(layer, query[:nd], kv_cache, plan.table[:nd],
@@ -411,6 +438,26 @@ class CSRRuntime:
                 k_extra=k_extra, v_extra=v_extra)
             output[row] = out.reshape(output[row].shape).to(output.dtype)
 
+    def _dense_decode(self, layer: int, plan: StepPlan, query: Tensor, key: Tensor,
+                      value: Tensor, kv_cache: Tensor, scale: float, output: Tensor) -> None:
+        """Decode rows of a dense layer: exact attention over its store."""
+        nd = plan.num_decodes
+        if self.native is not None:  # every earlier position an exact row of the store
+            self.native.decode_attention(layer, query[:nd], kv_cache, plan.table[:nd],
+                                         plan.seq_lens[:nd], self.dense.store(layer, kv_cache),
+                                         plan.dense_index, key[:nd], value[:nd], scale,
+                                         output[:nd])
+            return
+        bs = self.block_size
+        for i in range(nd):
+            t = int(plan.seq_lens[i])
+            pos = torch.arange(t)
+            k, v = self.dense.read_tokens(layer, kv_cache, plan.table[i, pos // bs] * bs + pos % bs)
+            row = int(plan.query_lens[:i].sum())
+            k[t - 1], v[t - 1] = key[row], value[row]
+            out = exact_decode_attention(query[row], k, v, scale)
+            output[row] = out.reshape(output[row].shape).to(output.dtype)
+
     def auto_sparse(self, max_seq_len: int) -> bool:
         """``read_path: auto``: the sparse path for decode rows from this context length on:
         always with the native kernels (attention straight from the pages), never on the
@@ -429,7 +476,21 @@ class CSRRuntime:
             "window_guard": self.window.reserved_bytes(len(self.dicts.layers)),
             "outlier_guard": sum(p.nbytes for p in self.outliers.values()),
             "native_tables": self.native.extra_bytes if self.native is not None else 0,
+            "dense_layers": self.dense.nbytes,
         }
+
+
+def resolve_dense_layers(dicts: DictionarySet, settings: CSRSettings) -> tuple[int, ...]:
+    """The dense layers of this worker: the settings' list, else the dictionary's
+    recommendation; only the layers this worker serves (a pipeline stage's)."""
+    asked = settings.dense_layers
+    if asked is None:
+        asked = tuple(int(i) for i in dicts.info.get("dense_layers", ()))
+    n = dicts.shape.num_layers
+    bad = [i for i in asked if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"dense_layers {bad} are not layers of this model (0-{n - 1})")
+    return tuple(i for i in asked if i in dicts.layers)
 
 
 def _split_sampled(codec: TensorCodec, code: SparseCode, atoms: Tensor,

@@ -50,6 +50,9 @@ class CSRSettings(BaseModel):
             extend the dictionary for it (:mod:`csr_vllm.codec.adaptation`); their bytes are
             added to every slot (the pool holds fewer tokens). 0 = off (default: measured
             gains do not pay for the bytes, see README).
+        dense_layers: layers whose K/V are kept exactly in the model's dtype (side memory
+            that grows with the pool, :mod:`csr_vllm.engine.dense_layers`); None = what the
+            dictionary's manifest recommends (``info.dense_layers``), [] = none.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -63,6 +66,7 @@ class CSRSettings(BaseModel):
     read_path: ReadPath = "auto"
     kernels: Kernels = "native"
     adapt_atoms: int = Field(0, ge=0, le=64)
+    dense_layers: tuple[int, ...] | None = None
 
     @field_validator("preset")
     @classmethod
@@ -70,6 +74,13 @@ class CSRSettings(BaseModel):
         if v is not None and v not in PRESETS:
             raise ValueError(f"unknown CSR preset {v!r}; valid presets: {', '.join(PRESETS)}")
         return v
+
+    @field_validator("dense_layers")
+    @classmethod
+    def _layer_indices(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and any(i < 0 for i in v):
+            raise ValueError(f"dense_layers must be layer indices >= 0, got {list(v)}")
+        return None if v is None else tuple(sorted(set(v)))
 
     @field_validator("dictionary")
     @classmethod
