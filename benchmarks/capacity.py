@@ -31,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine_process import resolve_model_and_dict, run_worker, serve_as_worker
+from engine_process import csr_settings, resolve_model_and_dict, run_worker, serve_as_worker
 
 METHODS = ["bf16", "csr-4b", "csr-2b", "csr-1.5b", "csr-1b"]
 
@@ -74,17 +74,21 @@ def run_method(args: argparse.Namespace) -> dict:
           "enforce_eager": True, "seed": 0}
     if method != "bf16":
         kw["additional_config"] = {"kv_cache_backend": "csr", "csr": {
-            "dict": args.dict, "preset": method, "read_path": args.read_path,
+            **csr_settings(method, args.dict), "read_path": args.read_path,
             "kernels": args.kernels}}
     llm = LLM(args.model, **kw)
     cache = llm.llm_engine.vllm_config.cache_config
     res = {"method": method, "num_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
            "capacity_tokens": cache.num_gpu_blocks * cache.block_size}
-    if method != "bf16":
-        res["csr"] = llm.collective_rpc("csr_stats")[0]
-
     tok = AutoTokenizer.from_pretrained(args.model)
     ids = tok(corpus_file("eval-essays").read_text()[:400000])["input_ids"]
+    if method != "bf16":
+        # One request first: the dense layers' store is allocated with the pool's block
+        # count at the first write, and its bytes count in the side memory.
+        llm.generate([TokensPrompt(prompt_token_ids=ids[:16])],
+                     SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+        res["csr"] = llm.collective_rpc("csr_stats")[0]
+
     n = args.prompt_tokens
     prompts = [TokensPrompt(prompt_token_ids=ids[i * n:(i + 1) * n]) for i in range(args.batch)]
 
@@ -149,8 +153,12 @@ def main() -> None:
                                                      "--dict", args.dict], env))
 
     bf16 = next(r for r in results if r["method"] == "bf16")
+    pool = args.kv_space_gib * 2**30
     for r in results:
         r["capacity_ratio"] = r["capacity_tokens"] / bf16["capacity_tokens"]
+        # At the same total memory: bf16 given CSR's pool plus everything CSR holds beside it.
+        side = sum(r["csr"]["side_bytes"].values()) if r.get("csr") else 0
+        r["total_memory_ratio"] = r["capacity_ratio"] * pool / (pool + side)
         for b in (1, args.batch):
             if f"decode_tok_s_b{b}" in r and f"decode_tok_s_b{b}" in bf16:
                 r[f"speed_ratio_b{b}"] = r[f"decode_tok_s_b{b}"] / bf16[f"decode_tok_s_b{b}"]
@@ -189,10 +197,10 @@ def render_contexts(results: list[dict]) -> str:
 
 def render(results: list[dict], batch: int, gib: int) -> str:
     lines = [
-        f"| method | KV tokens at {gib} GiB (vLLM) | x bf16 | pool bytes/token | side memory "
-        f"(dict + window + outliers + native tables) | decode tok/s b1 | b{batch} | "
-        f"CSR/bf16 b1 | b{batch} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| method | KV tokens at {gib} GiB (vLLM) | x bf16 | x bf16 at the same total memory "
+        f"| pool bytes/token | side memory (dict + window + outliers + native tables + dense "
+        f"layers) | decode tok/s b1 | b{batch} | CSR/bf16 b1 | b{batch} |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     dense_bpt = next((r["csr"]["dense_bytes_per_token"] for r in results if r.get("csr")), None)
     for r in results:
@@ -202,7 +210,8 @@ def render(results: list[dict], batch: int, gib: int) -> str:
             side = csr["side_bytes"]
             side_txt = (f"{side['dictionaries'] / 2**20:.0f} + {side['window_guard'] / 2**20:.0f}"
                         f" + {side['outlier_guard'] / 2**20:.0f} + "
-                        f"{side.get('native_tables', 0) / 2**20:.0f} MiB")
+                        f"{side.get('native_tables', 0) / 2**20:.0f} + "
+                        f"{side.get('dense_layers', 0) / 2**20:.0f} MiB")
         else:
             side_txt = "0"
         speed = [f"{r[k]:.{p}f}" if k in r else "-" for k, p in (
@@ -210,6 +219,7 @@ def render(results: list[dict], batch: int, gib: int) -> str:
             (f"speed_ratio_b{batch}", 2))]
         lines.append(
             f"| {r['method']} | {r['capacity_tokens']:,} | {r['capacity_ratio']:.1f}x | "
+            f"{r.get('total_memory_ratio', r['capacity_ratio']):.1f}x | "
             f"{per_token if per_token else '-'} | {side_txt} | " + " | ".join(speed) + " |")
     return "\n".join(lines) + "\n"
 

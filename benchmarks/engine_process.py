@@ -26,6 +26,21 @@ def resolve_model_and_dict(args: argparse.Namespace) -> None:
         args.dict = str(default_dictionary(Path(args.model)))
 
 
+def csr_settings(method: str, dict_dir: str) -> dict:
+    """The engine's ``csr`` settings for a method name: a preset, optionally with
+    ``+dense=0/27`` (dense layers; ``+dense=`` none) as the harness's names take it."""
+    from csr_vllm.evaluation.methods import _csr_options
+
+    preset, options = _csr_options(method)
+    unknown = set(options) - {"dense"}
+    if unknown:
+        raise ValueError(f"the engine benchmarks take +dense= only, not {sorted(unknown)}")
+    out = {"dict": dict_dir, "preset": preset}
+    if "dense" in options:
+        out["dense_layers"] = list(options["dense"])
+    return out
+
+
 def serve_as_worker(args: argparse.Namespace, run: Callable[[argparse.Namespace], dict]) -> bool:
     """In a worker process (``args.worker`` set): run it, print its RESULT line, return True."""
     if not args.worker:

@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from engine_process import resolve_model_and_dict, run_worker, serve_as_worker
+from engine_process import csr_settings, resolve_model_and_dict, run_worker, serve_as_worker
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,7 +73,7 @@ def answer_all(args: argparse.Namespace) -> dict:
           "max_num_batched_tokens": args.max_num_batched_tokens}
     if args.worker != "bf16":
         kw["additional_config"] = {"kv_cache_backend": "csr",
-                                   "csr": {"dict": args.dict, "preset": args.worker}}
+                                   "csr": csr_settings(args.worker, args.dict)}
     llm = LLM(args.model, **kw)
 
     def preemptions() -> float:  # vLLM's counter is cumulative over the engine's life

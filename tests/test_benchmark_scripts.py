@@ -66,3 +66,32 @@ def test_ruler_engine_benchmark_runs_and_reuses_its_results(tmp_path, test_dict)
     assert "| csr-2b | " in (tmp_path / "ruler_engine.md").read_text()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "[ruler-engine]" not in again.stdout, again.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_layer_sensitivity_benchmark_runs(tmp_path, test_dict):
+    """benchmarks/layer_sensitivity.py on the default model, one short window: a row per layer
+    with finite errors, and the coded layers' outputs not exact (the comparison is real)."""
+    out = subprocess.run([sys.executable, "benchmarks/layer_sensitivity.py", "--dict", test_dict,
+                          "--tokens", "200", "--queries", "8", "--guard", "16",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "layer_sensitivity_csr-2b.json").read_text())["layers"]
+    assert [r["layer"] for r in rows] == list(range(30))
+    assert all(0 < r["out_rel_error_keys_coded"] < 2 and r["key_rel_error"] > 0 for r in rows)
+
+
+@pytest.mark.heavy  # two engines (~60 s)
+def test_engine_agreement_benchmark_runs(tmp_path, test_dict):
+    """benchmarks/engine_agreement.py: bf16 and csr-2b with every layer dense, one prompt;
+    all layers exact through the engine continue exactly as bf16 does."""
+    pytest.importorskip("vllm")
+    dense = "/".join(map(str, range(30)))
+    out = subprocess.run([sys.executable, "benchmarks/engine_agreement.py", "--dict", test_dict,
+                          "--methods", f"bf16,csr-2b+dense={dense}", "--prompts", "1",
+                          "--prompt-tokens", "300", "--max-tokens", "8", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"| csr-2b+dense={dense} | 100.0% | 1/1 |" in out.stdout
+    assert "| bf16 | 100.0% | 1/1 |" in out.stdout

@@ -192,3 +192,29 @@ def test_coefficient_format_options_refit_the_preset_budget(tmp_path):
         make_method("csr-1b+spare=both", tmp_path, shape)
     with pytest.raises(ValueError, match=r"bad coefficient format .*log3\.\.log6"):
         make_method("csr-2b+coef=log9", tmp_path, shape)
+
+
+def test_dense_layers_are_exact_and_counted(tmp_path):
+    """``+dense=0/2``: those layers' K/V pass exactly, 16 bits per channel each averaged over
+    the layers on top of the codes (the engine keeps their code slots too); the default is the
+    dictionary's recommendation, ``+dense=`` none."""
+    from csr_vllm.codec.config import get_preset
+
+    shape = ModelShape("LlamaForCausalLM", 4, 1, 64, 10000.0, "tiny")
+    cfg = get_preset("csr-2b").config_for(64)
+    atoms = torch.nn.functional.normalize(torch.randn(4, 1, 1, 8192, 64), dim=-1)
+    ladder = torch.ones(4, 1, 1, 16, 16).tril()
+    DictionarySet(cfg, shape, atoms, atoms.clone(), {"dense_layers": [3]}, key_ladder=ladder,
+                  value_ladder=ladder.clone()).save(tmp_path)
+    k, v = torch.randn(2, 1, 40, 64).unbind(0)
+    pos = torch.arange(40)
+    m = make_method("csr-2b+dense=0/2", tmp_path, shape)
+    assert m.dense_layers == {0, 2} and "dense=0/2" in m.setting
+    assert m.bits_per_channel(64) == 2.0 + 16 * 2 / 4
+    for layer in range(4):
+        k_hat, v_hat = m.compress(layer, k, v, pos)
+        assert torch.equal(k_hat, k) == torch.equal(v_hat, v) == (layer in (0, 2))
+    assert make_method("csr-2b", tmp_path, shape).dense_layers == {3}
+    assert make_method("csr-2b+dense=", tmp_path, shape).bits_per_channel(64) == 2.0
+    with pytest.raises(ValueError, match=r"bad dense layers"):
+        make_method("csr-2b+dense=first", tmp_path, shape)

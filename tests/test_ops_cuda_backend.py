@@ -53,6 +53,7 @@ def test_backend_is_a_triton_backend_with_csr_pages():
     (lambda: _dicts(per_head=True), CSRSettings(), "per-head"),
     (lambda: _dicts(coef="int5"), CSRSettings(), "coefficient formats"),
     (_dicts, CSRSettings(outlier_threshold=0.3), "outlier Guard"),
+    (_dicts, CSRSettings(dense_layers=(0,)), "dense layers"),
 ])
 def test_backend_refuses_what_the_kernels_do_not_implement(make, settings, match):
     from csr_vllm.engine.cuda_backend import CSRCudaBackend

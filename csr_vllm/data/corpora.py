@@ -69,6 +69,42 @@ def eval_text_essays(root: Path) -> str:
     return json.loads((root / _JSON / "PaulGrahamEssays.json").read_text())["text"]
 
 
+# Held-out Python source for coder models: modules of the running interpreter's own standard
+# library (real, installed everywhere, no dictionary trains on code), in this order. Their text
+# is the Python version's (3.11 here): figures name the version they were measured with.
+CODE_MODULES = ("argparse.py", "textwrap.py", "json/decoder.py", "json/encoder.py", "csv.py",
+                "heapq.py", "fractions.py", "statistics.py", "shlex.py", "difflib.py")
+
+
+# Training code for dictionaries of coder models: other standard-library modules, disjoint from
+# CODE_MODULES (no file in both).
+TRAIN_CODE_MODULES = ("typing.py", "inspect.py", "ast.py", "dataclasses.py", "enum.py",
+                      "functools.py", "pathlib.py", "subprocess.py", "threading.py",
+                      "logging/__init__.py", "email/message.py", "http/client.py",
+                      "unittest/case.py", "collections/__init__.py", "tarfile.py",
+                      "zipfile.py", "configparser.py", "optparse.py", "pickletools.py",
+                      "pydoc.py")
+
+
+def _stdlib_text(names: tuple[str, ...]) -> str:
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return "\n\n".join(f"# {name}\n" + (lib / name).read_text(encoding="utf-8")
+                       for name in names)
+
+
+def eval_text_code(root: Path) -> str:
+    """Held-out code: the standard library modules of :data:`CODE_MODULES`, one after another
+    (``root`` unused: the source is the interpreter's)."""
+    return _stdlib_text(CODE_MODULES)
+
+
+def train_text_code(root: Path) -> str:
+    """Training code: the standard library modules of :data:`TRAIN_CODE_MODULES`."""
+    return _stdlib_text(TRAIN_CODE_MODULES)
+
+
 def train_text_hotpotqa(root: Path) -> str:
     """Training text: unique HotpotQA Wikipedia paragraphs, minus anything SQuAD holds."""
     squad = squad_articles(root)
@@ -92,6 +128,8 @@ CORPORA = {
     "train-hotpotqa": train_text_hotpotqa,
     "eval-squad": eval_text_squad,
     "eval-essays": eval_text_essays,
+    "eval-code": eval_text_code,
+    "train-code": train_text_code,
 }
 
 

@@ -25,7 +25,7 @@ references under Triton's interpreter; this module is tested on CPU only for its
 engine start, the forward paths above, CUDA-graph behaviour (declared ``NEVER`` because the
 prefill path loops over requests on the host). Not built on CUDA yet: the dense-window Guard
 (exact data is the in-flight tokens only; a warning says so when ``guard_window > 0``), the
-outlier Guard (refused), per-head dictionaries and sampled atoms (refused), integer
+outlier Guard (refused), dense layers (refused), per-head dictionaries and sampled atoms (refused), integer
 coefficient formats (refused by the kernels; fp8, fp16 and logB are in them).
 """
 
@@ -67,6 +67,16 @@ def check_cuda_support(dicts: DictionarySet, settings: CSRSettings) -> None:
     if settings.outlier_threshold > 0:
         raise NotImplementedError("the outlier Guard (--csr-outlier-threshold) is not built "
                                   "on CUDA yet")
+    from csr_vllm.engine.runtime import resolve_dense_layers
+
+    dense = resolve_dense_layers(dicts, settings)
+    if dense:
+        # Coding such a layer anyway would be a silent wrong answer (docs/design.md, *Dense
+        # layers*): refuse until the Triton path reads a dense store.
+        raise NotImplementedError(
+            f"dense layers {list(dense)} (this dictionary's recommendation or "
+            "--csr-dense-layers) are not built on CUDA yet; use the CPU backend, or pass "
+            "--csr-dense-layers '' to code every layer knowingly")
     if settings.read_path == "reconstruct":
         logger.info("CSR on CUDA: read_path=reconstruct sends decode rows through the "
                     "reconstruct path too")

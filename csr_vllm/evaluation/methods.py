@@ -140,10 +140,17 @@ class CSR(KVMethod):
     ``block_size`` (vLLM's CPU block, 128), each block samples E atoms per tensor from its own
     vectors and codes them against the dictionary and those atoms; :meth:`bits_per_channel`
     then includes the atoms' bytes exactly as the engine's slot does.
+
+    ``dense_layers``: layers kept exact, as the engine's dense layers
+    (:mod:`csr_vllm.engine.dense_layers`); None = the dictionary's recommendation, as the
+    engine. Their bf16 K/V are added to :meth:`bits_per_channel` (the engine still holds their
+    code slots in the pool, so the bits are the codes' plus 16 per channel per dense layer,
+    averaged over the layers).
     """
 
     def __init__(self, dicts: DictionarySet, name: str = "csr", guard_fraction: float = 0.0,
-                 guard_threshold: float = 0.0, adapt: int = 0, block_size: int = 128) -> None:
+                 guard_threshold: float = 0.0, adapt: int = 0, block_size: int = 128,
+                 dense_layers: tuple[int, ...] | None = None) -> None:
         if not 0.0 <= guard_fraction <= 1.0:
             raise ValueError("guard_fraction must be within [0, 1]")
         if adapt:
@@ -158,6 +165,9 @@ class CSR(KVMethod):
         self._atoms: dict[tuple[int, str, int], dict[int, Tensor]] = {}
         self.coded = 0
         self.guarded = 0
+        if dense_layers is None:
+            dense_layers = tuple(int(i) for i in dicts.info.get("dense_layers", ()))
+        self.dense_layers = frozenset(dense_layers)
 
     @property
     def setting(self) -> str:
@@ -167,14 +177,18 @@ class CSR(KVMethod):
             return f"{t.chunks}x{t.atoms_per_chunk}x{t.coef}/{t.num_atoms}{t.pursuit}"
 
         extra = (f" adapt={self.adapt}/{self.block_size}" if self.adapt else "") + (
-            f" outliers={self.guard_fraction}" if self.guard_fraction else "")
+            f" outliers={self.guard_fraction}" if self.guard_fraction else "") + (
+            f" dense={'/'.join(map(str, sorted(self.dense_layers)))}" if self.dense_layers
+            else "")
         return f"K {tensor(c.key)} V {tensor(c.value)} rope={c.key_rope}{extra}"
 
     def bits_per_channel(self, head_dim: int) -> float:
         if self.adapt:
-            return adapted_bits_per_channel(self.dicts.config, head_dim,
+            bits = adapted_bits_per_channel(self.dicts.config, head_dim,
                                             self.dicts.shape.num_kv_heads, self.block_size)
-        return self.dicts.config.bits_per_channel(head_dim)
+        else:
+            bits = self.dicts.config.bits_per_channel(head_dim)
+        return bits + 16 * len(self.dense_layers) / self.dicts.shape.num_layers
 
     def sampled_atoms(self) -> int:
         """Sampled atoms currently held (all layers, tensors and blocks)."""
@@ -233,6 +247,8 @@ class CSR(KVMethod):
         return y
 
     def compress(self, layer, keys, values, positions):
+        if layer in self.dense_layers:
+            return keys, values
         shape = self.dicts.shape
         if self.dicts.config.key_rope == "pre":
             cos, sin = rope_tables(shape.head_dim, shape.rope_theta, positions, keys.dtype)
@@ -277,7 +293,7 @@ def make_method(name: str, dict_dir: str | Path | None = None,
                 preset = dataclasses.replace(preset, spare=options["spare"])
             dicts = dicts.with_codec(preset.config_for(dicts.shape.head_dim))
         return CSR(dicts, name, guard_fraction=options.get("outliers", 0.0),
-                   adapt=int(options.get("adapt", 0)))
+                   adapt=int(options.get("adapt", 0)), dense_layers=options.get("dense"))
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(PEERS)}, csr-<preset>")
 
 
@@ -291,8 +307,16 @@ def _spare(v: str) -> str:
     return v
 
 
+def _layers(v: str) -> tuple[int, ...]:
+    """``0/27`` -> (0, 27); empty -> () (no dense layers)."""
+    layers = tuple(int(x) for x in v.split("/") if x)
+    if any(i < 0 for i in layers):
+        raise ValueError(v)
+    return layers
+
+
 CSR_OPTIONS = {"outliers": float, "adapt": int, "coef": _coef_name, "vcoef": _coef_name,
-               "spare": _spare}
+               "spare": _spare, "dense": _layers}
 
 
 def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
@@ -309,10 +333,10 @@ def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
         except ValueError:
             what = {"outliers": "outlier fraction", "coef": "coefficient format (fp8, fp16, "
                     "int3..int8, log3..log6)", "vcoef": "value coefficient format (fp8, fp16, "
-                    "int3..int8, log3..log6)", "spare": "spare atom's tensor (key or value)"
-                    }.get(key, f"{key} value")
+                    "int3..int8, log3..log6)", "spare": "spare atom's tensor (key or value)",
+                    "dense": "dense layers (e.g. dense=0/27)"}.get(key, f"{key} value")
             raise ValueError(f"bad {what} in {name!r} (e.g. csr-2b+outliers=0.02+adapt=3)") \
                 from None
-        if not isinstance(options[key], str) and options[key] < 0:
+        if isinstance(options[key], (int, float)) and options[key] < 0:
             raise ValueError(f"{key} must be >= 0 in {name!r}")
     return base, options
