@@ -103,7 +103,8 @@ def test_counters_and_memory_add_up_over_the_runtimes(two_groups):
         "dictionaries": dicts.nbytes,
         "window_guard": side_a["window_guard"] + side_b["window_guard"],
         "outlier_guard": side_a["outlier_guard"] + side_b["outlier_guard"],
-        "native_tables": side_a["native_tables"] + side_b["native_tables"]}  # each its own
+        "native_tables": side_a["native_tables"] + side_b["native_tables"],  # each its own
+        "dense_layers": 0}
     assert stats["dictionary_bytes"] == dicts.nbytes
 
     # What describes the worker is not summed: its layers' per-token bytes are counted once.

@@ -37,9 +37,13 @@ def _describe(rt: Any) -> dict[str, Any]:
     """What one runtime says about the worker: shape, slot, settings, parallel share."""
     shape = rt.dicts.shape
     local = rt.dicts.kv_heads * len(rt.dicts.layers)
+    # The dense layers' store, per (token, KV head), averaged over this worker's layers.
+    dense = rt.dense.bytes_per_token() / rt.dicts.kv_heads / len(rt.dicts.layers)
     return {
-        # All-in: the slot with the sampled atoms' share, as vLLM sizes the pool with it.
-        "bits_per_channel": 8 * rt.layout.slot_bytes / (2 * shape.head_dim),
+        # All-in: the slot with the sampled atoms' share, as vLLM sizes the pool with it, plus
+        # the dense layers' store beside it.
+        "bits_per_channel": 8 * (rt.layout.slot_bytes + dense) / (2 * shape.head_dim),
+        "dense_layers": sorted(rt.dense.layers),
         "slot_bytes": rt.layout.slot_bytes,
         "dense_slot_bytes": 4 * shape.head_dim,  # bf16 K + V
         # This worker's share (its KV heads x its layers): sum over workers for the model.
