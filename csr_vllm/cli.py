@@ -119,18 +119,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
     for kind in ("key", "value"):
         dicts.codec(kind, dicts.layers.start)
     print(f"dictionary: {dict_dir} ({dicts.nbytes / 2**20:.1f} MiB of atoms)")
-    dense = 2 * shape.head_dim * 2  # bf16 K + V bytes per (token, KV head)
+    vllm_args = [a for a in args.vllm_args if a != "--"]
+    dense = _dense_layers(dicts, vllm_args)
+    bf16 = 2 * shape.head_dim * 2  # bf16 K + V bytes per (token, KV head)
+    # The dense layers' store per (token, KV head), averaged over the layers: all-in figures.
+    extra = len(dense) * bf16 / shape.num_layers
     for name, preset in PRESETS.items():
         cfg = preset.config_for(shape.head_dim)
-        print(f"  {name:12s} {cfg.slot_bytes():3d} B per (token, KV head) vs {dense} B bf16: "
-              f"{cfg.bits_per_channel(shape.head_dim):.3f} bits/channel, "
-              f"{dense / cfg.slot_bytes():.1f}x the tokens")
-    vllm_args = [a for a in args.vllm_args if a != "--"]
+        slot = cfg.slot_bytes() + extra
+        print(f"  {name:12s} {cfg.slot_bytes():3d} B per (token, KV head) vs {bf16} B bf16: "
+              f"{8 * slot / (2 * shape.head_dim):.3f} bits/channel, {bf16 / slot:.1f}x the "
+              "tokens" + (" (dense layers counted)" if dense else ""))
     from csr_vllm.kv_budget import csr_side_bytes
 
     side = csr_side_bytes(dicts)
-    dense = _dense_layers(dicts, vllm_args)
-    dense_per_token = len(dense) * shape.num_kv_heads * 2 * shape.head_dim * 2  # bf16 K + V
+    dense_per_token = len(dense) * shape.num_kv_heads * bf16
     if dense:
         print(f"dense:      layers {', '.join(map(str, dense))} kept exactly "
               f"({dense_per_token:,} B per token beside the pool)")

@@ -50,7 +50,10 @@ def capacity_line(stats: dict[str, Any]) -> str:
     return (f"KV cache:   {cap:,} tokens with {stats['preset']} "
             f"({stats['kv_bytes_per_token']:,} B/token) vs {dense:,} tokens in bf16 "
             f"({stats['dense_equivalent_bytes_per_token']:,} B/token) in the same "
-            f"{stats['kv_pool_bytes'] / 2**30:.2f} GiB: {cap / dense:.1f}x")
+            f"{stats['kv_pool_bytes'] / 2**30:.2f} GiB: {cap / dense:.1f}x" + (
+                f"; layers {', '.join(map(str, stats['dense_layers']))} kept dense beside the "
+                "pool (side_bytes.dense_layers in /csr/stats)" if stats.get("dense_layers")
+                else ""))
 
 
 def serve_and_report(cmd: list[str], base: str, api_key: str | None = None) -> int:

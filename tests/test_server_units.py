@@ -121,6 +121,11 @@ def test_launcher_allowlists_the_endpoint_plugin_only_for_csr():
 def test_capacity_line():
     line = capacity_line(aggregate([worker()], 10, 128))
     assert "1,280 tokens with csr-2b" in line and "160 tokens in bf16" in line and "8.0x" in line
+    assert "dense" not in line.replace("tokens in bf16", "")
+    # Dense layers (each pipeline stage names its own): said, and where their bytes are.
+    stages = [worker() | {"dense_layers": [0]}, worker() | {"dense_layers": []}]
+    line = capacity_line(aggregate(stages, 10, 128))
+    assert "layers 0 kept dense beside the pool (side_bytes.dense_layers" in line
 
 
 class _Engine:
