@@ -321,14 +321,8 @@ class CSRRuntime:
                    kv_cache: Tensor) -> tuple[Tensor, Tensor]:
         """K, V [R * BS, H, D] of every referenced slot, in scratch order: reconstructed from
         the codes, then overlaid with outliers, the dense window and the step's own tokens."""
-        if layer in self.dense:
-            k, v = self.dense.read_blocks(layer, kv_cache, plan.ref_blocks)
-            k, v = k.clone(), v.clone()
-            n = len(plan.new_scratch)
-            live = plan.new_scratch >= 0
-            k[plan.new_scratch[live]] = key[:n][live].to(self.dtype)
-            v[plan.new_scratch[live]] = value[:n][live].to(self.dtype)
-            return k, v
+        if layer in self.dense:  # the store holds the step's own tokens too (written first)
+            return self.dense.read_blocks(layer, kv_cache, plan.ref_blocks)
         if self.native is not None:
             # Every referenced slot, as the reference: decoding only the slots before the
             # step's tokens changed greedy tokens under preemption + prefix caching with the
