@@ -90,6 +90,22 @@ def test_encode_store_equals_the_reference_pursuit(gen, d, coef, s, pursuit, lay
     assert (err > 0.05).all()  # a real (lossy) code: the comparison is not vacuous
 
 
+@pytest.mark.parametrize("atoms", [1024, 1040, 1030])
+@pytest.mark.parametrize("layout", correlation_layouts())
+def test_encode_store_codes_a_row_alike_in_any_batch(gen, atoms, layout):
+    # A decode step codes a handful of rows (one token's heads), which the correlation
+    # kernels take through their few-row paths (two atom groups per pass, then a last group
+    # and a scalar tail for the atom counts here); a prefill codes them in full tiles. A row's
+    # code must not depend on which path or neighbours it had.
+    codec = make_codec(gen, 64, atoms, 7, "log5")
+    x = torch.randn(12, 3, 64, generator=gen) * torch.linspace(2, 0.2, 64)
+    batch, batch_err = encode_native(codec, x, None, layout=layout)
+    for i in range(len(x)):
+        one, one_err = encode_native(codec, x[i:i + 1], None, layout=layout)
+        assert torch.equal(one[0], batch[i])
+        torch.testing.assert_close(one_err[0], batch_err[i], atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("layout", correlation_layouts())
 def test_encode_store_undoes_rope_and_writes_only_its_bytes(gen, layout):
     d = 64
