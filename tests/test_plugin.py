@@ -37,6 +37,20 @@ def test_register_patches_once_and_is_idempotent():
     assert getattr(EngineArgs.add_cli_args, plugin._PATCHED)
 
 
+def test_the_compile_cache_loads_what_it_saved():
+    # torch 2.13 bundles the graph vLLM's CPU backend compiles into a wrapper without vLLM's
+    # finalize_loading, so vLLM's cache load failed and every start compiled again (~60 s).
+    from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+
+    plugin.register()
+    loaded = BundledAOTAutogradSerializableCallable.__new__(BundledAOTAutogradSerializableCallable)
+    loaded.compiled_fn = lambda *args: args  # what a load leaves: a plain function
+    loaded.finalize_loading(object())  # vLLM's call after the load: no AttributeError
+    assert getattr(BundledAOTAutogradSerializableCallable.finalize_loading, plugin._PATCHED)
+    plugin.register()  # idempotent
+    assert getattr(BundledAOTAutogradSerializableCallable.finalize_loading, plugin._PATCHED)
+
+
 def _selector():
     return types.SimpleNamespace(use_mla=False, use_sparse=False)
 
