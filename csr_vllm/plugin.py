@@ -11,8 +11,10 @@ checked by ``tests/test_plugin.py``:
    ``kv_cache_backend: csr`` they load and validate the dictionaries (sharded to this worker's
    layers and KV heads under tensor/pipeline parallelism), configure the CSR backend and
    return its path; otherwise vLLM's own method runs untouched (stock behaviour).
-2. ``CpuPlatform.check_and_update_config``: validates the settings in the front process and
-   installs the worker extension behind ``collective_rpc("csr_stats")``.
+2. ``CpuPlatform.check_and_update_config``: validates the settings in the front process,
+   installs the worker extension behind ``collective_rpc("csr_stats")``, and clears vLLM's
+   per-process backend-selection cache so each engine of a process is selected for its own
+   config.
 3. CLI flags: ``vllm serve`` loads general plugins inside ``AsyncEngineArgs.add_cli_args`` just
    before ``EngineArgs.add_cli_args`` runs, so that static method is wrapped to add the
    ``CSR KV cache`` group, and ``EngineArgs.from_cli_args`` to fold the flags into
@@ -126,6 +128,11 @@ def _patch_platform() -> None:
     @functools.wraps(check)
     def check_and_update_config(cls, vllm_config) -> None:
         check(cls, vllm_config)
+        # vLLM caches the backend selection per process by layer shape, not by config: a
+        # second engine in this process (the Python API, a notebook) would get the first
+        # one's backend, and a CSR engine the first CSR engine's dictionaries. Each engine's
+        # config is checked here first, so the selection is made afresh for it.
+        _clear_backend_selection()
         # Runs while the config is built in the front process: bad CSR settings fail here,
         # before an engine process starts, and the workers get the stats extension.
         if settings_from_additional_config(vllm_config.additional_config) is not None:
@@ -138,6 +145,14 @@ def _patch_platform() -> None:
                                par.worker_extension_cls)
 
     CpuPlatform.check_and_update_config = classmethod(check_and_update_config)
+
+
+def _clear_backend_selection() -> None:
+    from vllm.v1.attention import selector
+
+    cached = getattr(selector, "_cached_get_attn_backend", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
 
 
 def _configure_backend(settings: CSRSettings) -> None:

@@ -1,15 +1,17 @@
-"""Runs one vLLM engine scenario in its own process and prints one JSON line.
+"""Runs vLLM engine scenarios in a process of their own and prints one JSON line each.
 
-Used by tests/test_vllm_e2e.py (each engine is a separate process: vLLM keeps per-process
-state, such as its backend-selection cache, that must not leak between scenarios).
+Used by tests/test_vllm_e2e.py. Scenarios whose process environment differs (plugins,
+threads) run in separate processes; engines of the same environment may share one, one after
+another (the plugin re-selects the attention backend for each engine's config).
 
-    python tests/e2e/driver.py SPEC_JSON
+    python tests/e2e/driver.py SPEC_JSON      (SPEC_JSON: one spec or a list of them)
 SPEC: {"model", "csr": {...} | null, "prompts": [[ids]], "max_tokens", "engine": {...},
        "logprob_prompts": [[ids]] (optional), "logprob_chunk": int}
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -52,11 +54,19 @@ async def cancel_mid_stream(spec: dict) -> dict:
 
 def main() -> None:
     spec = json.loads(sys.argv[1])
-    if spec.get("mode") == "cancel":
+    if isinstance(spec, dict) and spec.get("mode") == "cancel":
         import asyncio
 
         print("RESULT " + json.dumps(asyncio.run(cancel_mid_stream(spec))), flush=True)
         return
+    # A list of specs: one engine after another in this process (each deleted before the
+    # next starts), one RESULT line each, in order; vLLM is imported once for all of them.
+    for one in spec if isinstance(spec, list) else [spec]:
+        print("RESULT " + json.dumps(run_engine(one)), flush=True)
+        gc.collect()
+
+
+def run_engine(spec: dict) -> dict:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -78,6 +88,7 @@ def main() -> None:
     # One dict per worker (tensor/pipeline parallel: each names its ranks and its share).
     out["csr_workers"] = llm.collective_rpc("csr_stats") if csr_on else []
     out["plugins"] = os.environ.get("VLLM_PLUGINS")
+    out["pid"] = os.getpid()
     if spec.get("logprob_prompts"):
         lp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
         res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in spec["logprob_prompts"]],
@@ -86,7 +97,8 @@ def main() -> None:
         for r, ids in zip(res, spec["logprob_prompts"], strict=True):
             nll.append([-r.prompt_logprobs[i][t].logprob for i, t in enumerate(ids) if i > 0])
         out["prompt_nll"] = nll
-    print("RESULT " + json.dumps(out), flush=True)
+    del llm
+    return out
 
 
 if __name__ == "__main__":
