@@ -15,6 +15,7 @@ import gc
 import json
 import os
 import sys
+import traceback
 
 
 async def cancel_mid_stream(spec: dict) -> dict:
@@ -61,8 +62,17 @@ def main() -> None:
         return
     # A list of specs: one engine after another in this process (each deleted before the
     # next starts), one RESULT line each, in order; vLLM is imported once for all of them.
+    # A spec with "refused": true must fail to start: its error text is the result.
     for one in spec if isinstance(spec, list) else [spec]:
-        print("RESULT " + json.dumps(run_engine(one)), flush=True)
+        if one.get("refused"):
+            try:
+                run_engine(one)
+            except Exception:  # noqa: BLE001 (the refusal under test, whatever its type)
+                print("RESULT " + json.dumps({"refused": traceback.format_exc()}), flush=True)
+            else:
+                print("RESULT " + json.dumps({"refused": None}), flush=True)
+        else:
+            print("RESULT " + json.dumps(run_engine(one)), flush=True)
         gc.collect()
 
 
