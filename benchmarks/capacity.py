@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -149,8 +148,7 @@ def main() -> None:
     results = []
     for method in args.methods.split(","):
         print(f"[capacity] {method} ...", flush=True)
-        results.append(run_worker(__file__, method, [*sys.argv[1:], "--model", args.model,
-                                                     "--dict", args.dict], env))
+        results.append(run_worker(__file__, method, args, env))
 
     bf16 = next(r for r in results if r["method"] == "bf16")
     pool = args.kv_space_gib * 2**30

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from engine_process import csr_settings, resolve_model_and_dict, run_worker, serve_as_worker
@@ -148,13 +147,11 @@ def main() -> None:
         if method in data["results"]:
             continue
         print(f"[engine-agreement] {method} ...", flush=True)
-        data["results"][method] = run_worker(
-            __file__, method, [*sys.argv[1:], "--model", args.model, "--dict", args.dict], env)
+        data["results"][method] = run_worker(__file__, method, args, env)
         store.write_text(json.dumps(data, indent=1))
     if set(data.get("bf16_nll", {})) != set(data["results"]):
         print("[engine-agreement] bf16 scores the continuations ...", flush=True)
-        data["bf16_nll"] = run_worker(__file__, f"score:{store}", [
-            *sys.argv[1:], "--model", args.model, "--dict", args.dict], env)
+        data["bf16_nll"] = run_worker(__file__, f"score:{store}", args, env)
         store.write_text(json.dumps(data, indent=1))
     table = render(data)
     (out_dir / "engine_agreement.md").write_text(table)

@@ -49,9 +49,12 @@ def serve_as_worker(args: argparse.Namespace, run: Callable[[argparse.Namespace]
     return True
 
 
-def run_worker(script: str, method: str, argv: list[str], env: dict[str, str]) -> dict:
-    """Run ``script --worker method`` with ``argv`` and return its result; exits with the
-    worker's stderr tail if it failed."""
+def run_worker(script: str, method: str, args: argparse.Namespace, env: dict[str, str],
+               extra: tuple[str, ...] = ()) -> dict:
+    """Run ``script --worker method`` with this invocation's own arguments, the resolved
+    ``--model`` / ``--dict`` (:func:`resolve_model_and_dict`) and ``extra`` (later flags win),
+    and return its result; exits with the worker's stderr tail if it failed."""
+    argv = [*sys.argv[1:], "--model", args.model, "--dict", args.dict, *extra]
     cmd = [sys.executable, script, *argv, "--worker", method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

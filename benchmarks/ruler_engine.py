@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from engine_process import csr_settings, resolve_model_and_dict, run_worker, serve_as_worker
@@ -137,9 +136,8 @@ def main() -> None:
         if not todo:
             continue
         print(f"[ruler-engine] {method} at {todo} ...", flush=True)
-        res = run_worker(__file__, method, [*sys.argv[1:], "--model", args.model, "--dict",
-                                            args.dict, "--lengths", ",".join(map(str, todo))],
-                         env)
+        res = run_worker(__file__, method, args, env,
+                         ("--lengths", ",".join(map(str, todo))))
         for n, entry in res.items():
             have[n] = entry | {"setting": want}
         data["results"][method] = have
