@@ -402,6 +402,31 @@ struct I8Table {
   const float* scale;    // [A]
 };
 
+// One pass over atoms [a, a + 16 G): G groups of 16 atoms, each row's correlations kept in
+// registers, then the lane bests updated (group q covers atoms a + 16 q + lane).
+template <int R, int G>
+__attribute__((always_inline)) inline void i8_pass(const int32_t (*__restrict quads)[R], const __m512i* __restrict offset, int64_t d, const I8Table& t8,
+                    int64_t a, int64_t a_total, LaneBest<R>& best) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i acc[G][R];
+  for (int q = 0; q < G; ++q)
+    for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_si512();
+  const uint8_t* col = t8.q + a * 4;
+  for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
+    for (int q = 0; q < G; ++q) {
+      const __m512i c = _mm512_loadu_si512(col + 64 * q);
+      for (int r = 0; r < R; ++r)
+        acc[q][r] = _mm512_dpbusd_epi32(acc[q][r], c, _mm512_set1_epi32(quads[j][r]));
+    }
+  }
+  for (int q = 0; q < G; ++q) {
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a + 16 * q)), lane);
+    const __m512 sc = _mm512_loadu_ps(t8.scale + a + 16 * q);
+    for (int r = 0; r < R; ++r)
+      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q][r], offset[r])), sc), ids);
+  }
+}
+
 template <int R>
 void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRows& atoms, int64_t a0,
                    int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
@@ -424,45 +449,13 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRow
     offset[r] = _mm512_set1_epi32(128 * sum);
   }
   LaneBest<R> best;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  int64_t a = a0;
-  // G groups of 16 atoms per pass: with few rows (a decode step's handful of vectors) one
-  // group leaves only R dependent multiply-add chains, too few to hide VNNI's latency; two
-  // groups double them. Each lane still sees its atoms in ascending order (group 0 first),
-  // so ties resolve as with one group.
+  // Two groups of 16 atoms per pass when there are few rows (a decode step's handful of
+  // vectors): one group leaves only R dependent multiply-add chains, too few to hide VNNI's
+  // latency. Each lane still sees its atoms in ascending order, so ties resolve alike.
   constexpr int G = R <= 4 ? 2 : 1;
-  for (; a + 16 * G <= a1; a += 16 * G) {
-    __m512i acc[G][R];
-    for (int q = 0; q < G; ++q)
-      for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_si512();
-    const uint8_t* col = t8.q + a * 4;
-    for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
-      for (int q = 0; q < G; ++q) {
-        const __m512i c = _mm512_loadu_si512(col + 64 * q);
-        for (int r = 0; r < R; ++r)
-          acc[q][r] = _mm512_dpbusd_epi32(acc[q][r], c, _mm512_set1_epi32(quads[j][r]));
-      }
-    }
-    for (int q = 0; q < G; ++q) {
-      const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a + 16 * q)), lane);
-      const __m512 sc = _mm512_loadu_ps(t8.scale + a + 16 * q);
-      for (int r = 0; r < R; ++r)
-        best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q][r], offset[r])), sc), ids);
-    }
-  }
-  for (; a + 16 <= a1; a += 16) {  // a last group of 16 when G = 2
-    __m512i acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
-    const uint8_t* col = t8.q + a * 4;
-    for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
-      const __m512i c = _mm512_loadu_si512(col);
-      for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbusd_epi32(acc[r], c, _mm512_set1_epi32(quads[j][r]));
-    }
-    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
-    const __m512 sc = _mm512_loadu_ps(t8.scale + a);
-    for (int r = 0; r < R; ++r)
-      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset[r])), sc), ids);
-  }
+  int64_t a = a0;
+  for (; a + 16 * G <= a1; a += 16 * G) i8_pass<R, G>(quads, offset, d, t8, a, a_total, best);
+  for (; a + 16 <= a1; a += 16) i8_pass<R, 1>(quads, offset, d, t8, a, a_total, best);
   best.finish(res, atoms, d, a, a1, best_abs, best_idx);
 }
 
