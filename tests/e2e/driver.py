@@ -6,7 +6,8 @@ another (the plugin re-selects the attention backend for each engine's config).
 
     python tests/e2e/driver.py SPEC_JSON      (SPEC_JSON: one spec or a list of them)
 SPEC: {"model", "csr": {...} | null, "prompts": [[ids]], "max_tokens", "engine": {...},
-       "logprob_prompts": [[ids]] (optional), "logprob_chunk": int}
+       "logprob_prompts": [[ids]] (optional), "logprob_chunk": int,
+       "refused": true (optional: the engine must fail to start; its error is the result)}
 """
 
 from __future__ import annotations
