@@ -103,9 +103,18 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = HEALTH_TIMEOUT_S) -> ServerProcess:
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> ServerProcess:
+        """Start the process without waiting for it (several servers then start at once)."""
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = HEALTH_TIMEOUT_S) -> ServerProcess:
+        """Wait until it answers /health; a server that dies or never answers is stopped and
+        raises with its log's tail."""
         if not wait_healthy(self.base, self.proc, timeout):
             self.stop()
             raise RuntimeError(f"vllm serve did not become healthy (exit code "

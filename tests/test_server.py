@@ -1,9 +1,10 @@
 """Reliability of the served product over HTTP: real ``vllm serve`` processes, the official
 ``openai`` client, vLLM's ``/metrics`` and csr-vllm's ``/csr/stats``.
 
-One CSR server (csr-2b, the fast test dictionary of tests/conftest.py) with a KV pool of a few blocks serves the module:
-overload (more concurrent requests than fit), cancellation and disconnects, bad requests, the
-API key, the metrics. Each server starts once (~40 s here).
+One CSR server (csr-2b, the fast test dictionary of tests/conftest.py) with a KV pool of a few
+blocks serves the module: cancellation and disconnects, bad requests, the API key, the
+metrics; a lossless float32 one, overload (more concurrent requests than fit). Both start
+once, side by side (``servers``).
 """
 
 from __future__ import annotations
@@ -44,15 +45,54 @@ def sample(fams: dict, name: str, suffix: str = "") -> float:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, test_dict):
-    flags = ["--kv-cache-backend", "csr", "--csr-dict", test_dict, "--csr-preset", "csr-2b",
-             "--max-model-len", str(MAX_LEN), "--num-gpu-blocks-override", str(BLOCKS),
-             "--max-num-seqs", "16", "--api-key", KEY, "--served-model-name", "smollm2",
-             "--enforce-eager"]
+def servers(model_dir, test_dict, tmp_path_factory):
+    """The module's two servers, started at once (a start is mostly one process importing on
+    one core; two side by side on this 2-core machine take little longer than one):
+
+    * ``csr``: csr-2b with the fast test dictionary, a pool of BLOCKS blocks, an API key;
+    * ``exact``: the lossless identity dictionary in float32: CSR's whole path (encode,
+      pages, Guard, decode) with nothing lost, in the one dtype where vLLM's CPU engine is
+      itself batch invariant (measured with 12 passages x 24 tokens: stock vLLM gives 12/12
+      outputs equal serial vs overloaded in float32, 8/12 in bf16, where preemption
+      recompute and batch shape change the rounding).
+    """
+    from transformers import AutoConfig
+
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+
+    common = ["--max-model-len", str(MAX_LEN), "--num-gpu-blocks-override", str(BLOCKS),
+              "--max-num-seqs", "16", "--served-model-name", "smollm2", "--enforce-eager"]
+    csr = ["--kv-cache-backend", "csr", "--csr-dict", test_dict, "--csr-preset", "csr-2b",
+           "--api-key", KEY, *common]
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "CSR_VLLM_METRICS_MIN_INTERVAL_S": "0",
            "TOKENIZERS_PARALLELISM": "false"}
-    with ServerProcess(str(model_dir), flags, env) as srv:
-        yield srv
+    folder = tmp_path_factory.mktemp("identity")
+    identity_dictionary(ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))) \
+        .save(folder)
+    config = {"kv_cache_backend": "csr", "csr": {"dict": str(folder), "preset": None}}
+    exact = ["--additional-config", json.dumps(config), "--dtype", "float32", *common]
+    procs = {"csr": ServerProcess(str(model_dir), csr, env),
+             "exact": ServerProcess(str(model_dir), exact, {"VLLM_CPU_KVCACHE_SPACE": "1"})}
+    try:
+        for p in procs.values():
+            p.launch()
+        for p in procs.values():
+            p.wait_ready()
+        yield procs
+    finally:
+        for p in procs.values():
+            p.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers["csr"]
+
+
+@pytest.fixture(scope="module")
+def exact_server(servers):
+    return servers["exact"]
 
 
 @pytest.fixture(scope="module")
@@ -129,29 +169,6 @@ async def overload(base: str, make_client, passages: list[str]) -> dict:
             - sample(before, "vllm:num_preemptions", "_total"),
             "succeeded": sample(after, "vllm:request_success", "_total")
             - sample(before, "vllm:request_success", "_total")}
-
-
-@pytest.fixture
-def exact_server(model_dir, tmp_path_factory):
-    """The lossless identity dictionary in float32: CSR's whole path (encode, pages, Guard,
-    decode) with nothing lost, in the one dtype where vLLM's CPU engine is itself batch
-    invariant (measured with 12 passages x 24 tokens: stock vLLM gives 12/12 outputs equal
-    serial vs overloaded in float32, 8/12 in bf16, where preemption recompute and batch shape
-    change the rounding)."""
-    from transformers import AutoConfig
-
-    from csr_vllm.codec.dictionary import ModelShape
-    from csr_vllm.codec.identity import identity_dictionary
-
-    folder = tmp_path_factory.mktemp("identity")
-    identity_dictionary(ModelShape.from_hf_config(AutoConfig.from_pretrained(model_dir))) \
-        .save(folder)
-    config = {"kv_cache_backend": "csr", "csr": {"dict": str(folder), "preset": None}}
-    flags = ["--additional-config", json.dumps(config), "--dtype", "float32",
-             "--max-model-len", str(MAX_LEN), "--num-gpu-blocks-override", str(BLOCKS),
-             "--max-num-seqs", "16", "--served-model-name", "smollm2", "--enforce-eager"]
-    with ServerProcess(str(model_dir), flags, {"VLLM_CPU_KVCACHE_SPACE": "1"}) as srv:
-        yield srv
 
 
 def test_overload_outputs_equal_one_at_a_time(exact_server, passages):

@@ -80,11 +80,23 @@ def identity_dict(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="session")
-def scenario(model_dir, prompts, identity_dict, test_dict, request):
+def other_model_dict(tmp_path_factory) -> str:
+    """A lossless dictionary for a 12-layer model: the default model must refuse it."""
+    from csr_vllm.codec.dictionary import ModelShape
+    from csr_vllm.codec.identity import identity_dictionary
+
+    other = tmp_path_factory.mktemp("other-model-dict")
+    identity_dictionary(ModelShape("LlamaForCausalLM", 12, 3, 64, 10000.0, "other")).save(other)
+    return str(other)
+
+
+@pytest.fixture(scope="session")
+def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, request):
     """scenario(name) -> that engine's results (each engine starts once per session)."""
     # 6 blocks of 128 tokens: the prompts need 11 at once and one more each while decoding.
     pressured = {"num_gpu_blocks_override": 6, "max_model_len": 640,
                  "enable_prefix_caching": True}
+    refused = {"prompts": [[1, 2]], "max_tokens": 1, "refused": True}
     specs = {
         "bf16": {},
         # VLLM_PLUGINS is vLLM's plugin allow-list: naming only a built-in one leaves csr-vllm
@@ -97,8 +109,12 @@ def scenario(model_dir, prompts, identity_dict, test_dict, request):
                              "read_path": "reconstruct"}},
         "csr-2b": {"csr": {"dict": test_dict, "preset": "csr-2b"}},
         "csr-2b-default": {"csr": {"dict": DEFAULT, "preset": "csr-2b"}},
+        # The PyTorch reference kernels (~4x slower than the native ones) on the first three
+        # prompts only, against a native engine on the same three.
         "csr-2b-reference": {"csr": {"dict": test_dict, "preset": "csr-2b",
-                                     "kernels": "reference"}},
+                                     "kernels": "reference"}, "prompts": prompts[:3]},
+        "csr-2b-native-3": {"csr": {"dict": test_dict, "preset": "csr-2b"},
+                            "prompts": prompts[:3]},
         "lossless-sparse": {"csr": {"dict": identity_dict, "preset": None, "guard_window": 0,
                                     "read_path": "sparse"}},
         "csr-2b-sparse": {"csr": {"dict": DEFAULT, "preset": "csr-2b",
@@ -129,11 +145,23 @@ def scenario(model_dir, prompts, identity_dict, test_dict, request):
         "csr-2b-adapt": {"csr": {"dict": DEFAULT, "preset": "csr-2b", "adapt_atoms": 3}},
         "csr-2b-adapt-pressured": {"csr": {"dict": DEFAULT, "preset": "csr-2b",
                                            "adapt_atoms": 3}, "engine": pressured},
+        # Streams dropped mid-way through AsyncLLM (driver.cancel_mid_stream), then one
+        # request that needs 5 of the pool's 6 blocks.
+        "cancel": {"mode": "cancel", "prompts": prompts[2:] * 2,
+                   "fill_prompt": prompts[-1] + prompts[2][:100],
+                   "csr": {"dict": test_dict, "preset": "csr-2b"},
+                   "engine": {"num_gpu_blocks_override": 6, "max_model_len": 640,
+                              "enable_prefix_caching": False}},
+        # Engines that must refuse to start: their error text is the result.
+        "refused-other-model": {**refused, "csr": {"dict": other_model_dict}},
+        "refused-bad-preset": {**refused, "csr": {"preset": "csr-3b"}},
     }
 
     # Engines of one environment run one after another in one process (vLLM is imported
     # once: ~10 s saved per engine); a group runs whole when any of its members is asked for.
-    groups = [("bf16", "lossless", "csr-2b", "csr-2b-reference", "csr-2b-pressured"),
+    groups = [("bf16", "lossless", "csr-2b", "csr-2b-native-3", "csr-2b-reference",
+               "csr-2b-pressured",
+               "cancel", "refused-other-model", "refused-bad-preset"),
               ("bf16-pressured", "lossless-pressured", "dense-pressured")]
     results: dict[str, dict] = {}
 
@@ -210,7 +238,7 @@ def test_native_kernels_generate_what_the_reference_generates(scenario, record_p
     """csr-2b through the native CPU kernels (the default) against the PyTorch reference: the
     same codes except where the encoder's int8 correlation flips an fp32 near-tie, and decode
     rows attend in fp32 from the pages; greedy tokens agree up to the first such flip."""
-    native, reference = scenario("csr-2b"), scenario("csr-2b-reference")
+    native, reference = scenario("csr-2b-native-3"), scenario("csr-2b-reference")
     assert native["csr"]["active"] and reference["csr"]["active"]
     rate = agreement(native["outputs"], reference["outputs"])
     record_property("native_vs_reference_agreement", rate)
@@ -272,45 +300,23 @@ def test_capacity_grows_by_the_compression_ratio(scenario):
     assert stats["encoded_vectors"] > 0 and 0 < stats["reconstruction_rel_error_mean"] < 1
 
 
-def test_cancelled_streams_return_every_block(model_dir, prompts, test_dict):
+def test_cancelled_streams_return_every_block(scenario):
     """Requests dropped mid-stream leave no blocks (or Guard state) behind: afterwards one
     request needing 5 of the 6 blocks still runs to the end."""
-    res = run_engine({
-        "mode": "cancel", "model": str(model_dir), "prompts": prompts[2:] * 2,
-        "max_tokens": MAX_TOKENS, "fill_prompt": prompts[-1] + prompts[2][:100],
-        "csr": {"dict": test_dict, "preset": "csr-2b"},
-        "engine": {"num_gpu_blocks_override": 6, "max_model_len": 640,
-                   "enable_prefix_caching": False},
-    })
+    res = scenario("cancel")
     assert res["fill_tokens"] == MAX_TOKENS
     assert [n for i, n in enumerate(res["streamed"]) if i % 3] == [3] * 4
     assert [n for i, n in enumerate(res["streamed"]) if not i % 3] == [MAX_TOKENS] * 2
 
 
-@pytest.fixture(scope="module")
-def refusals(model_dir, tmp_path_factory) -> dict[str, str]:
-    """Engines that must refuse to start, tried one after another in one driver process:
-    name -> the error they raised."""
-    from csr_vllm.codec.dictionary import ModelShape
-    from csr_vllm.codec.identity import identity_dictionary
-
-    other = tmp_path_factory.mktemp("other-model-dict")
-    identity_dictionary(ModelShape("LlamaForCausalLM", 12, 3, 64, 10000.0, "other")).save(other)
-    base = {"model": str(model_dir), "prompts": [[1, 2]], "max_tokens": 1, "refused": True}
-    specs = {"other-model": {**base, "csr": {"dict": str(other)}},
-             "bad-preset": {**base, "csr": {"preset": "csr-3b"}}}
-    outs = run_engine({"specs": list(specs.values())})
-    return {name: out["refused"] for name, out in zip(specs, outs, strict=True)}
-
-
-def test_dictionary_for_another_model_stops_the_engine(refusals):
-    log = refusals["other-model"]
+def test_dictionary_for_another_model_stops_the_engine(scenario):
+    log = scenario("refused-other-model")["refused"]
     assert log is not None, "the engine was expected to refuse to start"
     assert "made for another model" in log and "num_layers: dictionary has 12" in log
 
 
-def test_bad_settings_fail_before_the_engine_starts(refusals):
-    log = refusals["bad-preset"]
+def test_bad_settings_fail_before_the_engine_starts(scenario):
+    log = scenario("refused-bad-preset")["refused"]
     assert log is not None, "the engine was expected to refuse to start"
     assert "unknown CSR preset 'csr-3b'" in log and "csr-1b" in log
 

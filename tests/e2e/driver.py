@@ -7,7 +7,8 @@ another (the plugin re-selects the attention backend for each engine's config).
     python tests/e2e/driver.py SPEC_JSON      (SPEC_JSON: one spec or a list of them)
 SPEC: {"model", "csr": {...} | null, "prompts": [[ids]], "max_tokens", "engine": {...},
        "logprob_prompts": [[ids]] (optional), "logprob_chunk": int,
-       "refused": true (optional: the engine must fail to start; its error is the result)}
+       "refused": true (optional: the engine must fail to start; its error is the result),
+       "mode": "cancel" (optional: cancel_mid_stream's scenario, with "fill_prompt")}
 """
 
 from __future__ import annotations
@@ -55,17 +56,16 @@ async def cancel_mid_stream(spec: dict) -> dict:
 
 
 def main() -> None:
-    spec = json.loads(sys.argv[1])
-    if isinstance(spec, dict) and spec.get("mode") == "cancel":
-        import asyncio
+    import asyncio
 
-        print("RESULT " + json.dumps(asyncio.run(cancel_mid_stream(spec))), flush=True)
-        return
+    spec = json.loads(sys.argv[1])
     # A list of specs: one engine after another in this process (each deleted before the
     # next starts), one RESULT line each, in order; vLLM is imported once for all of them.
     # A spec with "refused": true must fail to start: its error text is the result.
     for one in spec if isinstance(spec, list) else [spec]:
-        if one.get("refused"):
+        if one.get("mode") == "cancel":
+            print("RESULT " + json.dumps(asyncio.run(cancel_mid_stream(one))), flush=True)
+        elif one.get("refused"):
             try:
                 run_engine(one)
             except Exception:  # noqa: BLE001 (the refusal under test, whatever its type)
