@@ -28,16 +28,20 @@ def resolve_model_and_dict(args: argparse.Namespace) -> None:
 
 def csr_settings(method: str, dict_dir: str) -> dict:
     """The engine's ``csr`` settings for a method name: a preset, optionally with
-    ``+dense=0/27`` (dense layers; ``+dense=`` none) as the harness's names take it."""
+    ``+dense=0/27`` (dense layers; ``+dense=`` none) and ``+search=256/32`` (a screened
+    search) as the harness's names take them."""
     from csr_vllm.evaluation.methods import _csr_options
 
     preset, options = _csr_options(method)
-    unknown = set(options) - {"dense"}
+    unknown = set(options) - {"dense", "search"}
     if unknown:
-        raise ValueError(f"the engine benchmarks take +dense= only, not {sorted(unknown)}")
+        raise ValueError(f"the engine benchmarks take +dense= and +search= only, not "
+                         f"{sorted(unknown)}")
     out = {"dict": dict_dir, "preset": preset}
     if "dense" in options:
         out["dense_layers"] = list(options["dense"])
+    if "search" in options:
+        out["search"] = str(options["search"])
     return out
 
 

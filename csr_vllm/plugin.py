@@ -58,6 +58,7 @@ CSR_FLAGS: dict[str, str] = {
     "--csr-kernels": "kernels",
     "--csr-adapt-atoms": "adapt_atoms",
     "--csr-dense-layers": "dense_layers",
+    "--csr-search": "search",
 }
 
 
@@ -371,6 +372,10 @@ def add_csr_arguments(parser) -> None:
                    help="comma-separated layers whose K/V are kept exactly in the model's dtype "
                    "(memory beside the pool, counted in the stats); default: the dictionary's "
                    "recommendation; '' = none")
+    g.add_argument("--csr-search", default=None,
+                   help="atoms each encoder pick looks at: 'full' (default) or 'K/P', the "
+                   "atoms of the P of K clusters nearest the residual (e.g. 256/32: faster "
+                   "coding, slightly larger error)")
 
 
 def layer_list(text: str) -> list[int]:

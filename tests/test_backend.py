@@ -411,3 +411,22 @@ def test_native_engines_hold_their_dictionaries_in_bf16_only(gen):
     full, half = sides
     assert half["dictionaries"] * 2 == full["dictionaries"]
     assert full["native_tables"] - half["native_tables"] == kept.nbytes  # the bf16 copy
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_screened_search_through_the_backend_matches_its_reference_codec(gen, kernels):
+    """--csr-search 16/4: the runtime orders the atoms by cluster (the same ordering the
+    reference codec is then given), writes and reads through both kernels as vLLM drives
+    them, and attends over what the screened reference codec reconstructs."""
+    from csr_vllm.codec.search import SearchSpec, ordered_for_search
+
+    dicts = random_dictionary(gen)
+    settings = CSRSettings(guard_window=16, guard_max_seqs=8, kernels=kernels, search="16/4")
+    eng = Engine(dicts, settings, gen)
+    ordered = eng.runtime.dicts
+    assert ordered.config.key.search == "16/4" and ordered.key_clusters is not None
+    assert ordered_for_search(ordered, SearchSpec(16, 4)) is ordered  # not ordered twice
+    for chunks in SCHEDULE:
+        out, query, ids, qlens = eng.step(chunks)
+        want = eng.reference(ids, qlens, query, codec_view(eng, as_used(ordered, kernels), 16))
+        torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=3e-2)

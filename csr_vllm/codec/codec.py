@@ -14,6 +14,7 @@ from csr_vllm.codec.adaptation import LocalAtoms
 from csr_vllm.codec.config import TensorCodecConfig
 from csr_vllm.codec.packing import pack_fields, unpack_fields
 from csr_vllm.codec.pursuit import PURSUITS, reconstruct
+from csr_vllm.codec.search import AtomClusters
 
 
 @dataclass
@@ -37,10 +38,15 @@ class TensorCodec:
     With ``config.sampled_atoms = E > 0`` codes address the first A - E trained atoms and, at
     indices ``[A - E, A)``, the E sampled atoms of the vector's group (``local``, see
     :mod:`csr_vllm.codec.adaptation`).
+
+    With a screened search (``config.search`` = ``K/P``), ``clusters`` = (centroids
+    [C, K, Dc], offsets [C, K + 1]) of the atoms, which are ordered by cluster
+    (:mod:`csr_vllm.codec.search`).
     """
 
     def __init__(self, config: TensorCodecConfig, atoms: Tensor,
-                 ladder: Tensor | None = None) -> None:
+                 ladder: Tensor | None = None,
+                 clusters: tuple[Tensor, Tensor] | None = None) -> None:
         if atoms.ndim != 3 or atoms.shape[0] != config.chunks or atoms.shape[1] != config.num_atoms:
             raise ValueError(
                 f"atoms shape {tuple(atoms.shape)} does not match config "
@@ -59,6 +65,16 @@ class TensorCodec:
                                  f"{want} from the dictionary, got {got}")
             self.ladder = ladder.to(atoms.dtype)
         self._pursuit = PURSUITS[config.pursuit]
+        spec = config.search_spec
+        self.clusters: list[AtomClusters] | None = None
+        if not spec.full:
+            want = (config.chunks, spec.clusters)
+            if clusters is None or tuple(clusters[0].shape[:2]) != want or \
+                    int(clusters[1][0, -1]) != config.shared_atoms:
+                raise ValueError(f"search {config.search} needs clusters of shape {want} "
+                                 f"over the {config.shared_atoms} trained atoms")
+            self.clusters = [AtomClusters(clusters[0][c], clusters[1][c], spec.probes)
+                             for c in range(config.chunks)]
 
     @property
     def head_dim(self) -> int:
@@ -85,7 +101,8 @@ class TensorCodec:
             quant = self._quantizer(scale, c)
             extra = local.per_vector(c).to(x.dtype) if local is not None else None
             i, w = self._pursuit(chunks[:, c], shared[c], self.config.atoms_per_chunk, quant,
-                                 extra=extra)
+                                 extra=extra,
+                                 clusters=self.clusters[c] if self.clusters else None)
             idx.append(i)
             coef.append(w)
         return SparseCode(torch.stack(idx, 1), torch.stack(coef, 1), scale)

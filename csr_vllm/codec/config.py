@@ -12,6 +12,7 @@ from typing import Literal
 
 from csr_vllm.codec.coefficients import SCALE_BITS, CoefFormat
 from csr_vllm.codec.packing import index_bits
+from csr_vllm.codec.search import SearchSpec
 
 Pursuit = Literal["mp", "omp"]
 RopeMode = Literal["pre", "post"]
@@ -32,6 +33,9 @@ class TensorCodecConfig:
         sampled_atoms: E, index values ``[A - E, A)`` reserved for atoms sampled from the
             coded data itself (:mod:`csr_vllm.codec.adaptation`); the trained atoms at those
             indices are not used. 0 = no adaptation.
+        search: which atoms a pick looks at: ``full`` (all) or ``K/P``, the atoms of the P
+            of K clusters nearest the residual (:mod:`csr_vllm.codec.search`; the atoms
+            must be ordered by cluster first). Does not change the slot.
     """
 
     num_atoms: int = 4096
@@ -40,9 +44,11 @@ class TensorCodecConfig:
     coef: str = "int5"
     pursuit: Pursuit = "omp"
     sampled_atoms: int = 0
+    search: str = "full"
 
     def __post_init__(self) -> None:
         CoefFormat(self.coef)  # validates the name
+        SearchSpec.parse(self.search)  # validates the setting
         if self.num_atoms < 2 or self.chunks < 1 or self.atoms_per_chunk < 1:
             raise ValueError(f"invalid tensor codec config {self}")
         if not 0 <= self.sampled_atoms < self.num_atoms:
@@ -58,6 +64,10 @@ class TensorCodecConfig:
     @property
     def index_bits(self) -> int:
         return index_bits(self.num_atoms)
+
+    @property
+    def search_spec(self) -> SearchSpec:
+        return SearchSpec.parse(self.search)
 
     @property
     def shared_atoms(self) -> int:

@@ -85,6 +85,9 @@ class DictionarySet:
             formats (:func:`csr_vllm.codec.coefficients.ladder_tops`: entry ``[..., S-1, k]``
             for pursuit position k of S), calibrated when the dictionary was trained; None in
             dictionaries made before them, which then serve the other formats only.
+        key_clusters, value_clusters: (centroids [G, Hg, C, K, Dc], offsets [G, Hg, C, K + 1])
+            of a screened search, with the atoms ordered by cluster
+            (:func:`csr_vllm.codec.search.ordered_for_search`); None = atoms as trained.
     """
 
     config: CodecConfig
@@ -98,6 +101,8 @@ class DictionarySet:
     head_range: tuple[int, int] | None = None
     key_ladder: Tensor | None = None
     value_ladder: Tensor | None = None
+    key_clusters: tuple[Tensor, Tensor] | None = None
+    value_clusters: tuple[Tensor, Tensor] | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.layers.start, self.layers.stop
@@ -189,7 +194,14 @@ class DictionarySet:
                 raise DictionaryError(f"{s} atoms per chunk exceed the {full.shape[-1]} "
                                       "positions the dictionary's ladders were calibrated for")
             ladder = full[g, h, :, s - 1, :s]
-        return TensorCodec(tcfg, atoms[g, h], ladder)
+        clusters = None
+        if not tcfg.search_spec.full:
+            both = self.key_clusters if kind == "key" else self.value_clusters
+            if both is None:
+                raise DictionaryError(f"search {tcfg.search} needs the atoms ordered by "
+                                      "cluster (csr_vllm.codec.search.ordered_for_search)")
+            clusters = (both[0][g, h], both[1][g, h])
+        return TensorCodec(tcfg, atoms[g, h], ladder, clusters)
 
     def shard(self, layers: tuple[int, int] | None = None,
               heads: tuple[int, int] | None = None) -> DictionarySet:
@@ -218,11 +230,13 @@ class DictionarySet:
         key, value = (a[g0:g1, hs].clone() for a in (self.key_atoms, self.value_atoms))
         kl, vl = (a[g0:g1, hs].clone() if a is not None else None
                   for a in (self.key_ladder, self.value_ladder))
+        kc, vc = (tuple(t[g0:g1, hs].clone() for t in c) if c is not None else None
+                  for c in (self.key_clusters, self.value_clusters))
         whole_layers = tuple(layers) == (0, self.shape.num_layers)
         whole_heads = tuple(heads) == (0, self.shape.num_kv_heads)
         return DictionarySet(self.config, self.shape, key, value, self.info,
                              None if whole_layers else tuple(layers),
-                             None if whole_heads else tuple(heads), kl, vl)
+                             None if whole_heads else tuple(heads), kl, vl, kc, vc)
 
     def with_codec(self, config: CodecConfig) -> DictionarySet:
         """The same atoms coded with another setting (e.g. a preset's atoms per vector).
@@ -248,17 +262,22 @@ class DictionarySet:
             raise DictionaryError("dictionary does not fit this codec setting: " + "; ".join(diffs))
         return DictionarySet(config, self.shape, self.key_atoms, self.value_atoms, self.info,
                              self.layer_range, self.head_range, self.key_ladder,
-                             self.value_ladder)
+                             self.value_ladder, self.key_clusters, self.value_clusters)
 
     @property
     def nbytes(self) -> int:
-        """Bytes the atoms occupy in memory."""
-        return self.key_atoms.nbytes + self.value_atoms.nbytes
+        """Bytes the atoms (and a screened search's clusters) occupy in memory."""
+        clusters = sum(t.nbytes for c in (self.key_clusters, self.value_clusters) if c
+                       for t in c)
+        return self.key_atoms.nbytes + self.value_atoms.nbytes + clusters
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         if self.layer_range is not None or self.head_range is not None:
             raise DictionaryError("a dictionary shard cannot be saved; save the full set")
+        if self.key_clusters is not None or self.value_clusters is not None:
+            raise DictionaryError("a set ordered for a screened search cannot be saved; save "
+                                  "the set as loaded")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {"key.atoms": self.key_atoms.float().contiguous(),

@@ -9,16 +9,23 @@ depends on it).
 ``extra`` (optional, [N, E, Dc]) gives every vector E atoms of its own besides the shared
 dictionary [A, Dc] (sampled atoms, :mod:`csr_vllm.codec.adaptation`): index ``A + e`` picks the
 vector's extra atom ``e``. An all-zero extra atom (an empty slot) is never picked.
+
+``clusters`` (optional, :class:`~csr_vllm.codec.search.AtomClusters`) screens each pick: only
+the shared atoms of the clusters nearest the current residual compete (extra atoms always do).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 Quantizer = Callable[[Tensor, int], Tensor]
+
+if TYPE_CHECKING:
+    from csr_vllm.codec.search import AtomClusters
 
 
 # Correlation entries per block. A [128, 8192] block (4 MiB) stays in cache between the
@@ -28,19 +35,22 @@ Quantizer = Callable[[Tensor, int], Tensor]
 BLOCK_ENTRIES = 128 * 8192
 
 
-def best_atom(residual: Tensor, atoms: Tensor,
-              extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def best_atom(residual: Tensor, atoms: Tensor, extra: Tensor | None = None,
+              clusters: AtomClusters | None = None) -> tuple[Tensor, Tensor]:
     """Index [N] and correlation [N] of the atom with the largest |<r, d_j>|.
 
     With ``extra`` [N, E, Dc], each vector's own atoms compete too (indices A..A+E-1); a tie
-    goes to the shared dictionary, so an empty (zero) extra atom is never chosen."""
+    goes to the shared dictionary, so an empty (zero) extra atom is never chosen. With
+    ``clusters``, only the atoms of each residual's probed clusters."""
     rows = max(1, BLOCK_ENTRIES // atoms.shape[0])
     if residual.shape[0] > rows:
         extras = extra.split(rows) if extra is not None else [None] * -(-len(residual) // rows)
-        parts = [best_atom(r, atoms, e) for r, e in zip(residual.split(rows), extras,
-                                                         strict=True)]
+        parts = [best_atom(r, atoms, e, clusters)
+                 for r, e in zip(residual.split(rows), extras, strict=True)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     corr = residual @ atoms.T  # [N, A]
+    if clusters is not None:  # a screened-out atom scores 0, below any probed atom's |corr|
+        corr = corr.masked_fill(~clusters.allowed(residual), 0.0)
     # max and min separately avoids materialising |corr|, a second [N, A] buffer.
     vmax, imax = corr.max(dim=1)
     vmin, imin = corr.min(dim=1)
@@ -69,7 +79,7 @@ def gather_atoms(atoms: Tensor, idx: Tensor, extra: Tensor | None = None) -> Ten
 
 def matching_pursuit(
     x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None,
-    extra: Tensor | None = None,
+    extra: Tensor | None = None, clusters: AtomClusters | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Greedy MP with exactly ``s`` iterations.
 
@@ -80,6 +90,7 @@ def matching_pursuit(
         quantize: maps coefficients [N] of pursuit position k to their stored (dequantised)
             values, called as ``quantize(c, k)``.
         extra: [N, E, Dc] per-vector atoms (indices A..A+E-1), or None.
+        clusters: a screened search over ``atoms`` (ordered by cluster), or None (all).
     Returns:
         (indices [N, S] int64, coefficients [N, S] in x.dtype)
     """
@@ -87,7 +98,7 @@ def matching_pursuit(
     idx = torch.empty(x.shape[0], s, dtype=torch.long, device=x.device)
     coef = torch.empty(x.shape[0], s, dtype=x.dtype, device=x.device)
     for k in range(s):
-        j, c = best_atom(residual, atoms, extra)
+        j, c = best_atom(residual, atoms, extra, clusters)
         if quantize is not None:
             c = quantize(c, k)
         idx[:, k], coef[:, k] = j, c
@@ -109,7 +120,7 @@ def least_squares_coefficients(x: Tensor, atoms: Tensor, idx: Tensor, ridge: flo
 
 def orthogonal_matching_pursuit(
     x: Tensor, atoms: Tensor, s: int, quantize: Quantizer | None = None,
-    extra: Tensor | None = None,
+    extra: Tensor | None = None, clusters: AtomClusters | None = None,
 ) -> tuple[Tensor, Tensor]:
     """OMP: MP's greedy selection, but all coefficients refit by least squares after each pick.
 
@@ -122,7 +133,7 @@ def orthogonal_matching_pursuit(
     coef = x.new_zeros(n, 0)
     residual = x
     for k in range(s):
-        j, _ = best_atom(residual, atoms, extra)
+        j, _ = best_atom(residual, atoms, extra, clusters)
         idx[:, k] = j
         coef = least_squares_coefficients(x, atoms, idx[:, : k + 1], extra=extra)
         residual = x - (coef[:, :, None] * gather_atoms(atoms, idx[:, : k + 1], extra)).sum(1)

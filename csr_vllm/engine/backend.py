@@ -40,6 +40,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.kv_cache_interface import AttentionSpec
 
 from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.codec.search import SearchSpec, ordered_for_search
 from csr_vllm.engine.backend_spec import CSRBackendSpec, layer_index, metadata_of
 from csr_vllm.engine.guard import OutlierGuard
 from csr_vllm.engine.native_path import dictionaries_for
@@ -55,8 +56,12 @@ class CSRAttentionBackend(CSRBackendSpec, CPUAttentionBackend):
 
     @classmethod
     def configure(cls, dicts: DictionarySet, settings: CSRSettings) -> None:
-        # In bf16 when the native kernels will serve them (the fp32 set is not kept).
-        dicts = dictionaries_for(with_adaptation(dicts, settings.adapt_atoms), settings)
+        # Ordered for a screened search once adaptation has reserved its atoms (the set the
+        # runtime then finds ordered already), in bf16 when the native kernels will serve
+        # them: the class holds only the set the engine uses.
+        dicts = ordered_for_search(with_adaptation(dicts, settings.adapt_atoms),
+                                   SearchSpec.parse(settings.search))
+        dicts = dictionaries_for(dicts, settings)
         super().configure(dicts, settings)
 
     @staticmethod

@@ -67,6 +67,10 @@ def check_cuda_support(dicts: DictionarySet, settings: CSRSettings) -> None:
     if settings.outlier_threshold > 0:
         raise NotImplementedError("the outlier Guard (--csr-outlier-threshold) is not built "
                                   "on CUDA yet")
+    if settings.search != "full":
+        raise NotImplementedError(f"the screened search (--csr-search {settings.search}) is "
+                                  "a CPU encoder setting, not built in the Triton encoder; "
+                                  "use --csr-search full on CUDA")
     from csr_vllm.engine.runtime import resolve_dense_layers
 
     dense = resolve_dense_layers(dicts, settings)

@@ -69,6 +69,8 @@ class TensorTables:
         fmt: :func:`csr_vllm.native.format_ints` at the tensor's byte offset in the slot.
         omp: OMP (True) or matching pursuit.
         own: whether ``atoms`` is a copy held beside the codec's (counted as extra bytes).
+        centroids, cluster_offsets, probes: a screened search's clusters (the codec's; the
+            atoms are ordered by cluster), or None / None / 0 for the full search.
     """
 
     atoms: Tensor
@@ -78,6 +80,9 @@ class TensorTables:
     fmt: list[int]
     omp: bool
     own: bool
+    centroids: Tensor | None = None
+    cluster_offsets: Tensor | None = None
+    probes: int = 0
 
     @classmethod
     def of(cls, codec: TensorCodec, offset: int, ops) -> TensorTables:
@@ -86,9 +91,13 @@ class TensorTables:
         layout = native.best_layout(ops, atoms.shape[1], atoms.shape[0])
         atoms_t, corr_scale = native.correlation_table(atoms.float(), layout)
         ladder = codec.ladder_table()
+        screen = codec.clusters[0] if codec.clusters else None
         return cls(atoms, atoms_t, corr_scale, ladder[0] if ladder is not None else _EMPTY,
                    native.format_ints(codec.config, offset), codec.config.pursuit == "omp",
-                   atoms.data_ptr() != source.data_ptr())
+                   atoms.data_ptr() != source.data_ptr(),
+                   screen.centroids.float().contiguous() if screen else None,
+                   screen.offsets.contiguous() if screen else None,
+                   screen.probes if screen else 0)
 
     @property
     def extra_bytes(self) -> int:
@@ -148,7 +157,8 @@ class NativeKernels:
         for tab, x, undo in ((t.key, key, self.pre_rope), (t.value, value, False)):
             errs.append(self.ops.encode_store(x, positions, cos, sin, tab.atoms, tab.atoms_t,
                                               tab.corr_scale, tab.ladder, kv_cache, slots,
-                                              tab.fmt, tab.omp, undo))
+                                              tab.fmt, tab.omp, undo, tab.centroids,
+                                              tab.cluster_offsets, tab.probes))
         return errs[0], errs[1]
 
     def decode_dense(self, layer: int, kv_cache: Tensor, blocks: Tensor, counts: Tensor,

@@ -18,6 +18,7 @@ from torch import Tensor
 from csr_vllm.codec.adaptation import LocalAtoms, atom_limit, filled_atoms
 from csr_vllm.codec.codec import SparseCode, TensorCodec
 from csr_vllm.codec.dictionary import DictionarySet
+from csr_vllm.codec.search import SearchSpec, ordered_for_search
 from csr_vllm.engine.dense_layers import DenseLayerStore, exact_decode_attention, full_index
 from csr_vllm.engine.guard import OutlierGuard, WindowGuard, WindowPlan, _ragged_arange
 from csr_vllm.engine.native_path import NativeKernels, why_not_native
@@ -126,7 +127,9 @@ class CSRRuntime:
     def __init__(self, dicts: DictionarySet, settings: CSRSettings, block_size: int,
                  dtype: torch.dtype) -> None:
         shape = dicts.shape
-        dicts = with_adaptation(dicts, settings.adapt_atoms)
+        # Ordered for a screened search after adaptation has reserved its atoms.
+        dicts = ordered_for_search(with_adaptation(dicts, settings.adapt_atoms),
+                                   SearchSpec.parse(settings.search))
         self.dicts, self.settings = dicts, settings
         self.block_size, self.dtype = block_size, dtype
         self.layout = SlotLayout.of(dicts, block_size)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from csr_vllm.codec.config import DEFAULT_PRESET, PRESETS
+from csr_vllm.codec.search import SearchSpec
 
 BACKEND_NAME = "csr"
 
@@ -53,6 +54,10 @@ class CSRSettings(BaseModel):
         dense_layers: layers whose K/V are kept exactly in the model's dtype (side memory
             that grows with the pool, :mod:`csr_vllm.engine.dense_layers`); None = what the
             dictionary's manifest recommends (``info.dense_layers``), [] = none.
+        search: which atoms each pick of the encoder looks at: ``full`` (every atom, the
+            default) or ``K/P``, the atoms of the P of K clusters nearest the residual
+            (:mod:`csr_vllm.codec.search`; e.g. ``256/32`` looks at ~15% of the atoms, for
+            a measured rise in the codes' error, docs/results.md *Screened search*).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -67,6 +72,12 @@ class CSRSettings(BaseModel):
     kernels: Kernels = "native"
     adapt_atoms: int = Field(0, ge=0, le=64)
     dense_layers: tuple[int, ...] | None = None
+    search: str = "full"
+
+    @field_validator("search")
+    @classmethod
+    def _search_spec(cls, v: str) -> str:
+        return str(SearchSpec.parse(v))  # raises ValueError with the accepted forms
 
     @field_validator("preset")
     @classmethod

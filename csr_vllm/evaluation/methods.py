@@ -25,6 +25,7 @@ from csr_vllm.codec.coefficients import CoefFormat
 from csr_vllm.codec.config import get_preset
 from csr_vllm.codec.dictionary import DictionarySet, ModelShape
 from csr_vllm.codec.rope import apply_rope, rope_tables, undo_rope
+from csr_vllm.codec.search import SearchSpec, ordered_for_search
 
 
 class KVMethod(ABC):
@@ -150,11 +151,14 @@ class CSR(KVMethod):
 
     def __init__(self, dicts: DictionarySet, name: str = "csr", guard_fraction: float = 0.0,
                  guard_threshold: float = 0.0, adapt: int = 0, block_size: int = 128,
-                 dense_layers: tuple[int, ...] | None = None) -> None:
+                 dense_layers: tuple[int, ...] | None = None,
+                 search: SearchSpec | None = None) -> None:
         if not 0.0 <= guard_fraction <= 1.0:
             raise ValueError("guard_fraction must be within [0, 1]")
         if adapt:
             dicts = dicts.with_codec(dicts.config.with_sampled_atoms(adapt))
+        # After adaptation, which reserves atoms the clusters must leave out.
+        dicts = ordered_for_search(dicts, search or SearchSpec())
         self.dicts = dicts
         self.name = name
         self.guard_fraction = guard_fraction
@@ -179,7 +183,7 @@ class CSR(KVMethod):
         extra = (f" adapt={self.adapt}/{self.block_size}" if self.adapt else "") + (
             f" outliers={self.guard_fraction}" if self.guard_fraction else "") + (
             f" dense={'/'.join(map(str, sorted(self.dense_layers)))}" if self.dense_layers
-            else "")
+            else "") + (f" search={c.key.search}" if c.key.search != "full" else "")
         return f"K {tensor(c.key)} V {tensor(c.value)} rope={c.key_rope}{extra}"
 
     def bits_per_channel(self, head_dim: int) -> float:
@@ -293,7 +297,8 @@ def make_method(name: str, dict_dir: str | Path | None = None,
                 preset = dataclasses.replace(preset, spare=options["spare"])
             dicts = dicts.with_codec(preset.config_for(dicts.shape.head_dim))
         return CSR(dicts, name, guard_fraction=options.get("outliers", 0.0),
-                   adapt=int(options.get("adapt", 0)), dense_layers=options.get("dense"))
+                   adapt=int(options.get("adapt", 0)), dense_layers=options.get("dense"),
+                   search=options.get("search", SearchSpec()))
     raise ValueError(f"unknown method {name!r}; valid: {', '.join(PEERS)}, csr-<preset>")
 
 
@@ -316,7 +321,7 @@ def _layers(v: str) -> tuple[int, ...]:
 
 
 CSR_OPTIONS = {"outliers": float, "adapt": int, "coef": _coef_name, "vcoef": _coef_name,
-               "spare": _spare, "dense": _layers}
+               "spare": _spare, "dense": _layers, "search": SearchSpec.parse}
 
 
 def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
@@ -334,7 +339,9 @@ def _csr_options(name: str) -> tuple[str, dict[str, float | str]]:
             what = {"outliers": "outlier fraction", "coef": "coefficient format (fp8, fp16, "
                     "int3..int8, log3..log6)", "vcoef": "value coefficient format (fp8, fp16, "
                     "int3..int8, log3..log6)", "spare": "spare atom's tensor (key or value)",
-                    "dense": "dense layers (e.g. dense=0/27)"}.get(key, f"{key} value")
+                    "dense": "dense layers (e.g. dense=0/27)",
+                    "search": "search (full or clusters/probes, e.g. search=256/32)"}.get(
+                        key, f"{key} value")
             raise ValueError(f"bad {what} in {name!r} (e.g. csr-2b+outliers=0.02+adapt=3)") \
                 from None
         if isinstance(options[key], (int, float)) and options[key] < 0:

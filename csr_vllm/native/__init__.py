@@ -8,8 +8,10 @@ and :func:`load` returns None: callers then use the PyTorch reference, never cra
 Ops (shapes in the project's notation; formats as :func:`format_ints`):
 
 * ``encode_store(x [N, H, D], positions [N], cos, sin [P, D], atoms [A, D], atoms_t,
-  corr_scale, ladder [S, M], kv_cache!, slots [N], fmt, omp, undo_rope) -> rel_err [N, H]``;
-  ``atoms_t`` the correlation table (:func:`correlation_table`)
+  corr_scale, ladder [S, M], kv_cache!, slots [N], fmt, omp, undo_rope, centroids [K, D]?,
+  cluster_offsets [K + 1]?, probes) -> rel_err [N, H]``; ``atoms_t`` the correlation table
+  (:func:`correlation_table`); ``probes > 0``: a screened search
+  (:mod:`csr_vllm.codec.search`) over atoms ordered by cluster
 * ``decode_dense(kv_cache, blocks [R], counts [R], pos0 [R], key_fmt, value_fmt, key_atoms,
   key_ladder, value_atoms, value_ladder, cos, sin, apply_rope, out_k!, out_v! [R*BS, H, D])``
 * ``decode_attention(query [N, Hq, D], kv_cache, block_table [B, M], seq_lens [B], rows [B],
@@ -95,7 +97,7 @@ def error() -> str | None:
 def _register_fakes() -> None:
     """Shape-only implementations, so traced code (torch.compile) can pass through the ops."""
     def encode_fake(x, positions, cos, sin, atoms, atoms_t, corr_scale, ladder, kv_cache, slots,
-                    fmt, omp, undo_rope):
+                    fmt, omp, undo_rope, centroids=None, cluster_offsets=None, probes=0):
         return x.new_empty(x.shape[:2], dtype=torch.float32)
 
     def nothing(*args, **kwargs):

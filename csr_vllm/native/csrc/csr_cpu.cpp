@@ -23,6 +23,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
+#include <numeric>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -327,9 +330,9 @@ struct LaneBest {
   LaneBest() {
     for (int r = 0; r < R; ++r) { v[r] = _mm512_set1_ps(-1.0f); i[r] = _mm512_setzero_si512(); }
   }
-  inline void update(int r, __m512 score, __m512i ids) {
+  inline void update(int r, __m512 score, __m512i ids, __mmask16 live = 0xFFFF) {
     score = _mm512_and_ps(score, _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff)));
-    const __mmask16 gt = _mm512_cmp_ps_mask(score, v[r], _CMP_GT_OQ);
+    const __mmask16 gt = _mm512_mask_cmp_ps_mask(live, score, v[r], _CMP_GT_OQ);
     v[r] = _mm512_mask_mov_ps(v[r], gt, score);
     i[r] = _mm512_mask_mov_epi32(i[r], gt, ids);
   }
@@ -406,7 +409,7 @@ struct I8Table {
 // registers, then the lane bests updated (group q covers atoms a + 16 q + lane).
 template <int R, int G>
 __attribute__((always_inline)) inline void i8_pass(const int32_t (*__restrict quads)[R], const __m512i* __restrict offset, int64_t d, const I8Table& t8,
-                    int64_t a, int64_t a_total, LaneBest<R>& best) {
+                    int64_t a, int64_t a_total, LaneBest<R>& best, __mmask16 live = 0xFFFF) {
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512i acc[G][R];
   for (int q = 0; q < G; ++q)
@@ -421,17 +424,15 @@ __attribute__((always_inline)) inline void i8_pass(const int32_t (*__restrict qu
   }
   for (int q = 0; q < G; ++q) {
     const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a + 16 * q)), lane);
-    const __m512 sc = _mm512_loadu_ps(t8.scale + a + 16 * q);
+    const __m512 sc = _mm512_maskz_loadu_ps(live, t8.scale + a + 16 * q);
     for (int r = 0; r < R; ++r)
-      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q][r], offset[r])), sc), ids);
+      best.update(r, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[q][r], offset[r])), sc), ids, live);
   }
 }
 
+// Rows res [R, D] as s8 channel quads (quads[j][r]) with their offset correction.
 template <int R>
-void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRows& atoms, int64_t a0,
-                   int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
-  alignas(64) int32_t quads[64][R];  // [channel quad][row]: one cache line feeds R rows
-  __m512i offset[R];
+inline void quantize_rows(const float* res, int64_t d, int32_t (*quads)[R], __m512i* offset) {
   for (int r = 0; r < R; ++r) {
     float mx = 0.0f;
     for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(res[r * d + j]));
@@ -448,6 +449,44 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRow
     }
     offset[r] = _mm512_set1_epi32(128 * sum);
   }
+}
+
+// One row, G groups of 16 atoms, the channel quads split over 4 accumulators per group
+// (4 G independent multiply-add chains: one row alone would leave G, too few to hide VNNI's
+// latency); int32 sums, so the scores are exactly i8_pass's.
+template <int G>
+__attribute__((always_inline)) inline void i8_pass_row(const int32_t (*__restrict quads)[1], const __m512i* __restrict offset, int64_t d, const I8Table& t8,
+                    int64_t a, int64_t a_total, LaneBest<1>& best, __mmask16 live = 0xFFFF) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m512i acc[G][4];
+  for (int q = 0; q < G; ++q)
+    for (int u = 0; u < 4; ++u) acc[q][u] = _mm512_setzero_si512();
+  const uint8_t* col = t8.q + a * 4;
+  const int64_t stride = a_total * 4;
+  int64_t j = 0;
+  for (; j + 4 <= d / 4; j += 4, col += 4 * stride) {
+    for (int u = 0; u < 4; ++u)
+      for (int q = 0; q < G; ++q)
+        acc[q][u] = _mm512_dpbusd_epi32(acc[q][u], _mm512_loadu_si512(col + u * stride + 64 * q),
+                                        _mm512_set1_epi32(quads[j + u][0]));
+  }
+  for (; j < d / 4; ++j, col += stride)
+    for (int q = 0; q < G; ++q)
+      acc[q][0] = _mm512_dpbusd_epi32(acc[q][0], _mm512_loadu_si512(col + 64 * q), _mm512_set1_epi32(quads[j][0]));
+  for (int q = 0; q < G; ++q) {
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[q][0], acc[q][1]), _mm512_add_epi32(acc[q][2], acc[q][3]));
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a + 16 * q)), lane);
+    const __m512 sc = _mm512_maskz_loadu_ps(live, t8.scale + a + 16 * q);
+    best.update(0, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, offset[0])), sc), ids, live);
+  }
+}
+
+template <int R>
+void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRows& atoms, int64_t a0,
+                   int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
+  alignas(64) int32_t quads[64][R];  // [channel quad][row]: one cache line feeds R rows
+  __m512i offset[R];
+  quantize_rows<R>(res, d, quads, offset);
   LaneBest<R> best;
   // Two groups of 16 atoms per pass when there are few rows (a decode step's handful of
   // vectors): one group leaves only R dependent multiply-add chains, too few to hide VNNI's
@@ -457,6 +496,58 @@ void best_atoms_i8(const float* res, int64_t d, const I8Table& t8, const AtomRow
   for (; a + 16 * G <= a1; a += 16 * G) i8_pass<R, G>(quads, offset, d, t8, a, a_total, best);
   for (; a + 16 <= a1; a += 16) i8_pass<R, 1>(quads, offset, d, t8, a, a_total, best);
   best.finish(res, atoms, d, a, a1, best_abs, best_idx);
+}
+
+// -- screened search (csr_vllm/codec/search.py), int8 --------------------------------------
+// Rows are taken in blocks; within a block each cluster's atoms are scanned once for every
+// tile of up to 8 rows that probe it (inverted lists, as an IVF index searches a batch), so a
+// cluster's table bytes are shared by its rows as the full search's tiles share the whole
+// table. Each row keeps 16 lane bests across its clusters (loaded into and stored from the
+// registers around each tile); then its best lanes are rescored in fp32 as in the full search.
+// A cluster's last partial group of 16 is scanned with the lanes past its end masked off;
+// only the table's very last atoms (where a 16-wide load would pass its end) are scored
+// exactly, for the rows that probe their cluster.
+struct ScreenRows {
+  int32_t quads[64];  // the row's channel quads (s8)
+  int32_t offset;     // 128 * sum of the row's s8 entries
+  alignas(64) float lane_v[16];
+  alignas(64) int32_t lane_i[16];
+};
+
+template <int R>
+void screen_tile_i8(ScreenRows* const* rows, int64_t d, const I8Table& t8, int64_t a0, int64_t a1,
+                    int64_t scan_end, int64_t a_total) {
+  alignas(64) int32_t quads[64][R];
+  __m512i offset[R];
+  LaneBest<R> best;
+  for (int r = 0; r < R; ++r) {
+    for (int64_t j = 0; j < d / 4; ++j) quads[j][r] = rows[r]->quads[j];
+    offset[r] = _mm512_set1_epi32(rows[r]->offset);
+    best.v[r] = _mm512_load_ps(rows[r]->lane_v);
+    best.i[r] = _mm512_load_si512(reinterpret_cast<const __m512i*>(rows[r]->lane_i));
+  }
+  const int64_t e = std::min(a1, scan_end);
+  int64_t a = a0;
+  if constexpr (R == 1) {
+    for (; a + 32 <= e; a += 32) i8_pass_row<2>(quads, offset, d, t8, a, a_total, best);
+    for (; a + 16 <= e; a += 16) i8_pass_row<1>(quads, offset, d, t8, a, a_total, best);
+    if (a < e) i8_pass_row<1>(quads, offset, d, t8, a, a_total, best, static_cast<__mmask16>((1u << (e - a)) - 1));
+  } else {
+    constexpr int G = R <= 4 ? 2 : 1;
+    for (; a + 16 * G <= e; a += 16 * G) i8_pass<R, G>(quads, offset, d, t8, a, a_total, best);
+    for (; a + 16 <= e; a += 16) i8_pass<R, 1>(quads, offset, d, t8, a, a_total, best);
+    if (a < e) i8_pass<R, 1>(quads, offset, d, t8, a, a_total, best, static_cast<__mmask16>((1u << (e - a)) - 1));
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_store_ps(rows[r]->lane_v, best.v[r]);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(rows[r]->lane_i), best.i[r]);
+  }
+}
+
+template <int... Rs>
+void dispatch_screen_tile(std::integer_sequence<int, Rs...>, int64_t n, ScreenRows* const* rows, int64_t d,
+                          const I8Table& t8, int64_t a0, int64_t a1, int64_t scan_end, int64_t a_total) {
+  ((n == Rs + 1 ? screen_tile_i8<Rs + 1>(rows, d, t8, a0, a1, scan_end, a_total) : void()), ...);
 }
 
 template <int... Rs>
@@ -531,6 +622,72 @@ void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& 
   best_atoms(res, rows, d, atoms_t, a0, a1, a_total, best_abs, best_idx);
 }
 
+// |<r, centroid_k>| for k < kpad (cent_t [D, kpad], kpad a multiple of 128: eight
+// accumulators of 16 centroids stay in registers across the channels).
+void centroid_scores(const float* r, int64_t d, const float* cent_t, int64_t kpad, float* out) {
+#if defined(__AVX512F__)
+  for (int64_t k = 0; k < kpad; k += 128) {
+    __m512 acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = _mm512_setzero_ps();
+    const float* row = cent_t + k;
+    for (int64_t j = 0; j < d; ++j, row += kpad) {
+      const __m512 x = _mm512_set1_ps(r[j]);
+      for (int q = 0; q < 8; ++q) acc[q] = _mm512_fmadd_ps(x, _mm512_loadu_ps(row + 16 * q), acc[q]);
+    }
+    for (int q = 0; q < 8; ++q) _mm512_storeu_ps(out + k + 16 * q, _mm512_abs_ps(acc[q]));
+  }
+#else
+  for (int64_t k = 0; k < kpad; ++k) {
+    float acc = 0.0f;
+    for (int64_t j = 0; j < d; ++j) acc += r[j] * cent_t[j * kpad + k];
+    out[k] = std::fabs(acc);
+  }
+#endif
+}
+
+// The P largest of scores [K] (>= 0): out [P] = their indices, ties to the lower index (as a
+// stable sort would take them). A score's bits order like the score, so the P-th largest
+// bit pattern is found by bisection on the bits, each step one compare and count per 16.
+void top_clusters(const float* score, int64_t k, int64_t p, int32_t* out) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(score);
+  auto count_ge = [&](uint32_t t) {
+    int64_t n = 0;
+#if defined(__AVX512F__)
+    int64_t c = 0;
+    const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(t));
+    __m512i acc = _mm512_setzero_si512();  // per-lane counts: no popcount chain
+    for (; c + 16 <= k; c += 16)
+      acc = _mm512_sub_epi32(acc, _mm512_movm_epi32(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(bits + c), tv)));
+    n = _mm512_reduce_add_epi32(acc);
+    for (; c < k; ++c) n += bits[c] >= t;
+#else
+    for (int64_t c = 0; c < k; ++c) n += bits[c] >= t;
+#endif
+    return n;
+  };
+  uint32_t lo = 0, hi = 0;  // count_ge(lo) >= p; the answer is at most the largest score
+  for (int64_t c = 0; c < k; ++c) hi = std::max(hi, bits[c]);
+  while (lo < hi) {  // the largest t with count_ge(t) >= p
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (count_ge(mid) >= p) lo = mid; else hi = mid - 1;
+  }
+  int64_t n = 0;
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; c + 16 <= k; c += 16) {  // all above the threshold (fewer than p of them)
+    const __mmask16 m = _mm512_cmpgt_epu32_mask(_mm512_loadu_si512(bits + c), lov);
+    _mm512_mask_compressstoreu_epi32(out + n, m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(c))));
+    n += __builtin_popcount(m);
+  }
+#endif
+  for (; c < k; ++c)
+    if (bits[c] > lo) out[n++] = static_cast<int32_t>(c);
+  for (c = 0; c < k && n < p; ++c)  // then the threshold's own, lower index first
+    if (bits[c] == lo) out[n++] = static_cast<int32_t>(c);
+}
+
 // Solve (G + ridge I) c = b for the first entry of c; G is n x n (row stride ld), Cholesky.
 float first_of_solve(const float* g, int64_t ld, const float* b, int64_t n, float ridge) {
   double l[kMaxAtoms * kMaxAtoms];
@@ -571,7 +728,9 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
                         const at::Tensor& atoms_in, const at::Tensor& atoms_t_in,
                         const at::Tensor& corr_scale_in, const at::Tensor& ladder_in,
                         at::Tensor& kv_cache,
-                        const at::Tensor& slots_in, c10::IntArrayRef fmt_list, bool omp, bool undo) {
+                        const at::Tensor& slots_in, c10::IntArrayRef fmt_list, bool omp, bool undo,
+                        const std::optional<at::Tensor>& centroids_in,
+                        const std::optional<at::Tensor>& cluster_offsets_in, int64_t probes) {
   const Format f = format_of(fmt_list);
   TORCH_CHECK(x_in.dim() == 3, "x must be [N, H, D]");
   TORCH_CHECK(kv_cache.scalar_type() == at::kByte && kv_cache.dim() == 4 && kv_cache.is_contiguous(),
@@ -622,6 +781,35 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
     if (n) TORCH_CHECK(pos.max().item<int64_t>() < cos.size(0), "position beyond the RoPE table");
   }
 
+  // A screened search (csr_vllm/codec/search.py): each pick scans only the atoms of the
+  // `probes` clusters (contiguous ranges, cluster_offsets [K + 1]) whose centroids [K, D]
+  // correlate best with the residual.
+  const bool screened = probes > 0;
+  at::Tensor centroids, cluster_offsets;
+  int64_t n_clusters = 0;
+  if (screened) {
+    TORCH_CHECK(centroids_in.has_value() && cluster_offsets_in.has_value(),
+                "a screened search needs centroids and cluster offsets");
+    centroids = centroids_in->to(at::kFloat).contiguous();
+    cluster_offsets = cluster_offsets_in->to(at::kLong).contiguous();
+    n_clusters = centroids.size(0);
+    TORCH_CHECK(centroids.dim() == 2 && centroids.size(1) == d, "centroids must be [K, D]");
+    TORCH_CHECK(cluster_offsets.dim() == 1 && cluster_offsets.size(0) == n_clusters + 1,
+                "cluster offsets must be [K + 1]");
+    TORCH_CHECK(probes <= n_clusters, "more probes than clusters");
+    const int64_t* o = cluster_offsets.data_ptr<int64_t>();
+    TORCH_CHECK(o[0] == 0 && o[n_clusters] <= a_total, "cluster offsets outside the atoms");
+    for (int64_t c = 0; c < n_clusters; ++c) TORCH_CHECK(o[c] <= o[c + 1], "cluster offsets must not decrease");
+  }
+  // Centroids in SIMD lanes ([D, K] padded to 128): a row's K scores in D FMAs per 16.
+  const int64_t kpad = (n_clusters + 127) / 128 * 128;
+  std::vector<float> cent_t(screened ? d * kpad : 0, 0.0f);
+  if (screened) {
+    const float* cp = centroids.data_ptr<float>();
+    for (int64_t c = 0; c < n_clusters; ++c)
+      for (int64_t j = 0; j < d; ++j) cent_t[j * kpad + c] = cp[c * d + j];
+  }
+
   const int64_t rows = n * h, s_n = f.atoms;
   std::vector<float> x0(rows * d), res(rows * d), basis(omp ? rows * s_n * d : 0);
   std::vector<int32_t> picks(rows * s_n);
@@ -657,11 +845,97 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   else ar.f32 = atoms.data_ptr<float>();
   const int64_t blocks = (rows + kRows - 1) / kRows;
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = blocks >= threads ? 1 : std::min<int64_t>((threads + blocks - 1) / blocks, a_total / 512 + 1);
+  const int64_t splits = blocks >= threads || screened ? 1 : std::min<int64_t>((threads + blocks - 1) / blocks, a_total / 512 + 1);
   const int64_t span = ((a_total + splits - 1) / splits + 15) / 16 * 16;
   std::vector<float> part_abs(splits * rows);
   std::vector<int32_t> part_idx(splits * rows);
   for (int64_t k = 0; k < s_n; ++k) {
+    if (screened) {
+      const int64_t* o = cluster_offsets.data_ptr<int64_t>();
+      const int64_t scan_end = std::max<int64_t>(0, a_total - 15);  // past it: exact (see ScreenRows)
+      constexpr int64_t kBlock = 256;
+      const int64_t nblocks = (rows + kBlock - 1) / kBlock;
+      at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<float> score(kpad, -1.0f);
+        std::vector<int32_t> probe(kBlock * probes), first(n_clusters + 1), list(kBlock * probes);
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+        std::vector<ScreenRows> sr(table.i8 ? kBlock : 0);
+#endif
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t r0 = b * kBlock, nr = std::min(kBlock, rows - r0);
+          for (int64_t i = 0; i < nr; ++i) {  // the P best clusters of each row
+            const float* rr = &res[(r0 + i) * d];
+            centroid_scores(rr, d, cent_t.data(), kpad, score.data());
+            top_clusters(score.data(), n_clusters, probes, &probe[i * probes]);
+          }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+          if (table.i8) {
+            const I8Table t8{table.i8, table.i8_scale};
+            for (int64_t i = 0; i < nr; ++i) {
+              alignas(64) int32_t q1[64][1];
+              __m512i off1[1];
+              quantize_rows<1>(&res[(r0 + i) * d], d, q1, off1);
+              for (int64_t j = 0; j < d / 4; ++j) sr[i].quads[j] = q1[j][0];
+              sr[i].offset = _mm_cvtsi128_si32(_mm512_castsi512_si128(off1[0]));
+              std::fill(sr[i].lane_v, sr[i].lane_v + 16, -1.0f);
+              std::fill(sr[i].lane_i, sr[i].lane_i + 16, 0);
+            }
+            // Rows by cluster (counting sort), then each cluster's rows in tiles of 8.
+            std::fill(first.begin(), first.end(), 0);
+            for (int64_t x = 0; x < nr * probes; ++x) ++first[probe[x] + 1];
+            for (int64_t c = 0; c < n_clusters; ++c) first[c + 1] += first[c];
+            {
+              std::vector<int32_t> fill(first.begin(), first.end() - 1);
+              for (int64_t i = 0; i < nr; ++i)
+                for (int64_t p = 0; p < probes; ++p) list[fill[probe[i * probes + p]]++] = static_cast<int32_t>(i);
+            }
+            ScreenRows* tile[8];
+            for (int64_t c = 0; c < n_clusters; ++c) {
+              if (o[c] >= std::min(o[c + 1], scan_end)) continue;
+              for (int64_t t = first[c]; t < first[c + 1]; t += 8) {
+                const int64_t nt = std::min<int64_t>(8, first[c + 1] - t);
+                for (int64_t u = 0; u < nt; ++u) tile[u] = &sr[list[t + u]];
+                dispatch_screen_tile(std::make_integer_sequence<int, 8>{}, nt, tile, d, t8, o[c], o[c + 1],
+                                     scan_end, a_total);
+              }
+            }
+            for (int64_t i = 0; i < nr; ++i) {  // best lanes rescored, the table's end exactly
+              const float* rr = &res[(r0 + i) * d];
+              float bv = -1.0f;
+              int32_t bi = 0;
+              rescore_lanes(sr[i].lane_v, sr[i].lane_i, rr, ar, d, 0, 0, bv, bi);
+              alignas(64) float buf[256];
+              for (int64_t p = 0; p < probes; ++p) {
+                const int64_t c = probe[i * probes + p];
+                for (int64_t t = std::max(o[c], scan_end); t < o[c + 1]; ++t) {
+                  const float v = std::fabs(dot(rr, ar.row(t, buf), d));
+                  if (v > bv || (v == bv && t < bi)) { bv = v; bi = static_cast<int32_t>(t); }
+                }
+              }
+              part_abs[r0 + i] = bv;
+              part_idx[r0 + i] = bi;
+            }
+            continue;
+          }
+#endif
+          for (int64_t i = 0; i < nr; ++i) {  // other tables: each probed cluster's range
+            const float* rr = &res[(r0 + i) * d];
+            float bv = -1.0f;
+            int32_t bi = 0;
+            for (int64_t p = 0; p < probes; ++p) {
+              const int64_t c = probe[i * probes + p];
+              if (o[c] == o[c + 1]) continue;
+              float v;
+              int32_t x;
+              best_atoms_any(rr, 1, d, table, ar, o[c], o[c + 1], a_total, &v, &x);
+              if (v > bv || (v == bv && x < bi)) { bv = v; bi = x; }
+            }
+            part_abs[r0 + i] = bv;
+            part_idx[r0 + i] = bi;
+          }
+        }
+      });
+    } else
     at::parallel_for(0, blocks * splits, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t b = w / splits, sp = w % splits;
@@ -1357,7 +1631,8 @@ TORCH_LIBRARY(csr_cpu, m) {
   m.def("isa() -> str");
   m.def("encode_store(Tensor x, Tensor positions, Tensor rope_cos, Tensor rope_sin, Tensor atoms, "
         "Tensor atoms_t, Tensor corr_scale, Tensor ladder, Tensor(a!) kv_cache, Tensor slots, int[] fmt, "
-        "bool omp, bool undo_rope) -> Tensor");
+        "bool omp, bool undo_rope, Tensor? centroids=None, Tensor? cluster_offsets=None, "
+        "int probes=0) -> Tensor");
   m.def("decode_dense(Tensor kv_cache, Tensor blocks, Tensor counts, Tensor pos0, int[] key_fmt, "
         "int[] value_fmt, Tensor key_atoms, Tensor key_ladder, Tensor value_atoms, "
         "Tensor value_ladder, Tensor rope_cos, Tensor rope_sin, bool apply_rope, "
