@@ -7,6 +7,7 @@ reference's reconstruction, with the exact overrides (the step's own token, the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -72,10 +73,19 @@ def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor |
     return cache[:, :, 0], err
 
 
+def codes_both_ways(codec: TensorCodec, x: torch.Tensor, layout: str):
+    """x [N, H, D] coded by the native encoder and the reference: (native slots [N*H, bytes],
+    native errors [N, H], reference code, native code unpacked, rows whose picks agree)."""
+    d = x.shape[-1]
+    slots, err = encode_native(codec, x, None, layout=layout)
+    slots = slots.reshape(-1, codec.config.slot_bytes)
+    ref = codec.encode(x.reshape(-1, d))
+    got = codec.unpack(slots)
+    return slots, err, ref, got, (got.indices == ref.indices).all(-1).all(-1)
+
+
 def screened(codec: TensorCodec, spec: str) -> TensorCodec:
     """The codec with the screened search ``spec`` (its atoms ordered by cluster)."""
-    import dataclasses
-
     from csr_vllm.codec.search import SearchSpec, cluster_atoms
 
     k = SearchSpec.parse(spec).clusters
@@ -93,14 +103,11 @@ def test_screened_search_equals_the_reference(gen, d, coef, s, pursuit, spec, la
     # ending at the table's end: every range path of the kernel.
     codec = screened(make_codec(gen, d, 1000, s, coef, pursuit), spec)
     x = torch.randn(40, 3, d, generator=gen) * torch.linspace(2, 0.2, d)
-    slots, err = encode_native(codec, x, None, layout=layout)
-    ref = codec.encode(x.reshape(-1, d))
-    got = codec.unpack(slots.reshape(-1, codec.config.slot_bytes))
-    same = (got.indices == ref.indices).all(-1).all(-1)
+    slots, err, ref, got, same = codes_both_ways(codec, x, layout)
     # Measured 96.7-98.3% at 14 atoms (int8): two sources of near-ties now, the atom and the
     # cluster; where picks differ, the native one must be a near-tie of the reference's.
     assert same.float().mean() >= 0.95
-    assert torch.equal(codec.pack(ref)[same], slots.reshape(-1, codec.config.slot_bytes)[same])
+    assert torch.equal(codec.pack(ref)[same], slots[same])
     if pursuit == "omp":
         from csr_vllm.codec.pursuit import least_squares_coefficients
 
@@ -114,18 +121,13 @@ def test_screened_search_equals_the_reference(gen, d, coef, s, pursuit, spec, la
                 r = r - (c[:, None] * atoms[r_idx[:k]]).sum(0)
             assert abs(float(r @ atoms[g_idx[k]])) >= 0.97 * abs(float(r @ atoms[r_idx[k]]))
     # The screen is real: the full search's codes are not these.
-    full = TensorCodec(dataclasses_replace(codec.config, search="full"), codec.atoms,
+    full = TensorCodec(dataclasses.replace(codec.config, search="full"), codec.atoms,
                        codec.ladder).encode(x.reshape(-1, d))
     assert (full.indices != ref.indices).any(-1).any(-1).float().mean() > 0.3
     rec = codec.decode(ref)
     ref_err = (x.reshape(-1, d) - rec).norm(dim=-1) / x.reshape(-1, d).norm(dim=-1)
     torch.testing.assert_close(err.reshape(-1)[same], ref_err[same], atol=1e-5, rtol=1e-4)
 
-
-def dataclasses_replace(obj, **kw):
-    import dataclasses
-
-    return dataclasses.replace(obj, **kw)
 
 
 @pytest.mark.parametrize("d,coef,s,pursuit", [
@@ -136,14 +138,11 @@ def dataclasses_replace(obj, **kw):
 def test_encode_store_equals_the_reference_pursuit(gen, d, coef, s, pursuit, layout):
     codec = make_codec(gen, d, 1024, s, coef, pursuit)
     x = torch.randn(40, 3, d, generator=gen) * torch.linspace(2, 0.2, d)
-    slots, err = encode_native(codec, x, None, layout=layout)
-    ref = codec.encode(x.reshape(-1, d))
-    got = codec.unpack(slots.reshape(-1, codec.config.slot_bytes))
-    same = (got.indices == ref.indices).all(-1).all(-1)
+    slots, err, ref, got, same = codes_both_ways(codec, x, layout)
     # Atom choices may differ only at near-ties (least squares by Gram-Schmidt, not LU).
     assert same.float().mean() >= 0.97
     assert torch.equal(got.coefs[same], ref.coefs[same])
-    assert torch.equal(codec.pack(ref)[same], slots.reshape(-1, codec.config.slot_bytes)[same])
+    assert torch.equal(codec.pack(ref)[same], slots[same])
     rec = codec.decode(ref)
     ref_err = (x.reshape(-1, d) - rec).norm(dim=-1) / x.reshape(-1, d).norm(dim=-1)
     torch.testing.assert_close(err.reshape(-1)[same], ref_err[same], atol=1e-5, rtol=1e-4)
