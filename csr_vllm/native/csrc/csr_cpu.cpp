@@ -23,8 +23,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <numeric>
 #include <optional>
 #include <string>
 #include <utility>
