@@ -143,6 +143,11 @@ def main() -> None:
     resolve_model_and_dict(args)
     if serve_as_worker(args, run_method):
         return
+    # Every figure is a ratio to bf16 in the same run: without it the run would end, minutes
+    # later, with nothing to divide by.
+    if "bf16" not in args.methods.split(","):
+        raise SystemExit("capacity.py: --methods must include bf16 (every ratio is against "
+                         "bf16 measured in the same run)")
 
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(args.kv_space_gib)}
     results = []

@@ -1,17 +1,23 @@
-"""Decode step of one attention layer on this machine: dense bf16 vs CSR, native and reference.
+"""Decode step of the attention layers on this machine: dense bf16 vs CSR, native and reference.
 
     python benchmarks/read_paths.py [--preset csr-2b] [--contexts 512,2048,8192,32768]
         [--batches 1,16] [--kernels native,reference] [--reference-max-tokens 65536]
+        [--layers 30]
 
-One attention layer of the default model's shape (9 query heads, 3 KV heads, head_dim 64,
-block 128) decoding each batch of sequences at each context length, through the real code:
+``--layers`` attention layers of the default model's shape (9 query heads, 3 KV heads,
+head_dim 64, block 128), each with its own dictionaries and pages, one after another as a
+decode step runs them (so each layer finds the caches as the layers before it left them;
+``--layers 1`` times one layer over and over, its dictionaries hot), decoding each batch of
+sequences at each context length, through the real code:
 vLLM's CPU kernel over bf16 pages (``dense``), and CSRAttentionImpl.forward over CSR pages for
 each ``--kernels`` (``native``: csr_vllm.native; ``reference``: the PyTorch codec) with decode
 rows on the ``sparse`` path (attention from the pages) and on ``reconstruct`` (pages decoded
 into a dense scratch for vLLM's kernel); ``write`` is the step's other half, coding the batch's
 new tokens' K and V into their slots. Codes are random valid codes of the preset (every atom
 equally likely: the dictionary's cache behaviour is the worst case). The reference is timed
-only while batch x context <= ``--reference-max-tokens`` (it takes seconds beyond). Achieved
+only while batch x context <= ``--reference-max-tokens`` (it takes seconds beyond). Times are
+per layer: a step's time over the layers (the CSR plan, built once per step as in the engine,
+included). Achieved
 rates: ``dense GB/s`` = bf16 K/V bytes read / time; ``native GFLOP/s`` = the codec's
 arithmetic (2 x atoms x D per vector for rebuilding K and V, plus attention's 4 x D x G).
 Medians over ``--repeats``; ratios are within this one run. Writes ``OUT/read_paths.json``
@@ -66,10 +72,11 @@ def bench(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure_context(t: int, b: int, repeats: int, one_layer: DictionarySet, impl, layer,
+def measure_context(t: int, b: int, repeats: int, dicts: DictionarySet, impl, layers: list,
                     isa: str, gen: torch.Generator, kernels_list: list[str],
                     reference_max: int) -> dict:
-    """Median times of one decode step of one layer, batch ``b`` at context ``t``."""
+    """Median times per layer of one decode step over ``layers``, batch ``b`` at context ``t``."""
+    nl = len(layers)
     nb = -(-t // BS)
     block_table = torch.randperm(b * nb, generator=gen).reshape(b, nb).to(torch.int32)
     seq_lens = torch.full((b,), t, dtype=torch.int32)
@@ -84,51 +91,61 @@ def measure_context(t: int, b: int, repeats: int, one_layer: DictionarySet, impl
         dtype=DTYPE, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=isa,
         enable_kv_split=False, dynamic_causal=None, kv_cache_dtype="auto")
 
-    dense = torch.empty(b * nb, H, 2 * BS, D, dtype=DTYPE)
-    kc, vc = dense.chunk(2, dim=2)
     n = b * nb * BS  # every slot written in the kernel's own layout
-    ops.cpu_attn_reshape_and_cache(
-        torch.randn(n, H, D, generator=gen).to(DTYPE), torch.randn(n, H, D, generator=gen).to(DTYPE),
-        kc, vc, torch.arange(n), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+    dense = []
+    for _ in range(nl):
+        kv = torch.empty(b * nb, H, 2 * BS, D, dtype=DTYPE)
+        kc, vc = kv.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(
+            torch.randn(n, H, D, generator=gen).to(DTYPE),
+            torch.randn(n, H, D, generator=gen).to(DTYPE),
+            kc, vc, torch.arange(n), isa, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        dense.append((kc, vc))
 
     def run_dense():
-        ops.cpu_attention_with_kv_cache(
-            query=query, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
-            seq_lens=seq_lens, scale=D**-0.5, causal=True, alibi_slopes=None,
-            sliding_window=-1, block_table=block_table, softcap=0,
-            scheduler_metadata=sched, s_aux=None, dynamic_causal=None, k_scale=1.0,
-            v_scale=1.0, kv_cache_dtype="auto")
+        for kc, vc in dense:
+            ops.cpu_attention_with_kv_cache(
+                query=query, key_cache=kc, value_cache=vc, output=out, query_start_loc=qsl,
+                seq_lens=seq_lens, scale=D**-0.5, causal=True, alibi_slopes=None,
+                sliding_window=-1, block_table=block_table, softcap=0,
+                scheduler_metadata=sched, s_aux=None, dynamic_causal=None, k_scale=1.0,
+                v_scale=1.0, kv_cache_dtype="auto")
 
-    row = {"context": t, "batch": b, "dense_ms": 1e3 * bench(run_dense, repeats)}
+    row = {"context": t, "batch": b, "layers": nl,
+           "dense_ms": 1e3 * bench(run_dense, repeats) / nl}
     row["dense_GBps"] = b * t * H * 2 * D * 2 / row["dense_ms"] / 1e6
     pages = None
     for kernels, path in [(k, p) for k in kernels_list for p in ("sparse", "reconstruct")]:
         if kernels == "reference" and b * t > reference_max:
             continue
-        runtime = CSRRuntime(one_layer, CSRSettings(read_path=path, kernels=kernels), BS, DTYPE)
-        first = next(iter(runtime.codecs))
+        runtime = CSRRuntime(dicts, CSRSettings(read_path=path, kernels=kernels), BS, DTYPE)
         if kernels == "native" and runtime.native is None:
             raise SystemExit(f"native kernels unavailable: {runtime.native_off}")
         if pages is None:
-            pages = random_pages(runtime, b * nb, gen)
+            pages = [random_pages(runtime, b * nb, gen) for _ in range(nl)]
 
-        def run_csr(runtime=runtime, pages=pages, path=path):
+        def run_csr(runtime=runtime, path=path, pages=pages):
             plan = runtime.plan(block_table, seq_lens, qsl, slot_mapping,
                                 sparse_decodes=path == "sparse")
             meta = CSRMetadata(
                 num_actual_tokens=b, max_query_len=1, query_start_loc=qsl, max_seq_len=t,
                 seq_lens=seq_lens, block_table=block_table, slot_mapping=slot_mapping,
                 scheduler_metadata=sched, csr_plan=plan, csr_runtime=runtime)
-            impl.forward(layer, query, key, value, pages, meta, out)
+            for layer, page in zip(layers, pages, strict=True):
+                impl.forward(layer, query, key, value, page, meta, out)
 
-        row[f"{kernels}_{path}_ms"] = 1e3 * bench(run_csr, repeats)
+        row[f"{kernels}_{path}_ms"] = 1e3 * bench(run_csr, repeats) / nl
         if path == "sparse":  # the step's other half: coding its b new tokens' K and V
             plan = runtime.plan(block_table, seq_lens, qsl, slot_mapping)
-            row[f"{kernels}_write_ms"] = 1e3 * bench(
-                lambda runtime=runtime, pages=pages, plan=plan, first=first: runtime.write(
-                    first, plan, key, value, pages, slot_mapping), repeats)
+
+            def run_write(runtime=runtime, plan=plan, pages=pages):
+                for layer, page in zip(layers, pages, strict=True):
+                    runtime.write(layer._csr_layer_index, plan, key, value, page, slot_mapping)
+
+            row[f"{kernels}_write_ms"] = 1e3 * bench(run_write, repeats) / nl
         if kernels == "native" and path == "sparse":
-            kc, vc = runtime.codecs[first].keys[0].config, runtime.codecs[first].values[0].config
+            codec = runtime.codecs[layers[0]._csr_layer_index]
+            kc, vc = codec.keys[0].config, codec.values[0].config
             flops = b * t * H * 2 * D * (kc.atoms_per_chunk + vc.atoms_per_chunk + 2 * HQ // H)
             row["native_GFLOPs"] = flops / row["native_sparse_ms"] / 1e6
     return row
@@ -145,6 +162,10 @@ def main() -> None:
     p.add_argument("--reference-max-tokens", type=int, default=65536)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--layers", type=int, default=30,
+                   help="layers run one after another per timed step, each with its own "
+                        "dictionaries and pages (the model's 30 = a real step's cache "
+                        "behaviour; 1 = one layer, hot)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args()
     # vLLM's CPU worker asks the kernel for AMX tile permission at start-up; this script runs
@@ -161,7 +182,9 @@ def main() -> None:
         p.error("--preset takes a preset, optionally with +coef=/+vcoef= (e.g. csr-2b+coef=fp8)")
     # make_method applies the preset (and any coefficient format option) to the dictionary.
     dicts = make_method(args.preset, args.dict).dicts
-    one_layer = dicts.shard(layers=(0, 1))  # one layer is timed
+    if not 1 <= args.layers <= dicts.shape.num_layers:
+        p.error(f"--layers must be in [1, {dicts.shape.num_layers}]")
+    dicts = dicts.shard(layers=(0, args.layers))
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
@@ -169,14 +192,14 @@ def main() -> None:
     with mock.patch.object(cpu_attn, "get_current_vllm_config", lambda: cfg):
         impl = CSRAttentionImpl(HQ, D, D**-0.5, H, None, None, "auto")
     isa = cpu_attn._get_attn_isa(DTYPE, BS, D)
-    layer = types.SimpleNamespace(isa=isa, layer_name="model.layers.0.self_attn.attn",
-                                  _csr_layer_index=0)
+    layers = [types.SimpleNamespace(isa=isa, layer_name=f"model.layers.{i}.self_attn.attn",
+                                    _csr_layer_index=i) for i in range(args.layers)]
 
     rows = []
     kernels_list = args.kernels.split(",")
     for b in [int(x) for x in args.batches.split(",")]:
         for t in [int(x) for x in args.contexts.split(",")]:
-            row = measure_context(t, b, args.repeats, one_layer, impl, layer, isa, gen,
+            row = measure_context(t, b, args.repeats, dicts, impl, layers, isa, gen,
                                   kernels_list, args.reference_max_tokens)
             for k in [k for k in row if k.endswith("_ms") and k != "dense_ms"]:
                 row[k[:-3] + "_vs_dense"] = row[k] / row["dense_ms"]
@@ -185,7 +208,8 @@ def main() -> None:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
+    meta = {"preset": args.preset, "threads": torch.get_num_threads(), "layers": args.layers,
+            "rows": rows}
     (out_dir / "read_paths.json").write_text(json.dumps(meta, indent=1))
 
     def cell(r: dict, key: str, fmt: str = "{:.2f}") -> str:

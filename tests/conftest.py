@@ -6,6 +6,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -28,6 +32,86 @@ def unit_atoms(gen):
         return (atoms / atoms.norm(dim=-1, keepdim=True)).to(dtype)
 
     return make
+
+
+# -- single-threaded subprocesses started at collection ------------------------------------
+# A test whose work is one long single-threaded subprocess (no vLLM engine, no OpenMP team)
+# gets it started as soon as the test is selected, so it runs on the core the tests before it
+# leave idle (the suite keeps ~1.2 of the 2 cores busy) instead of after them. Engine
+# processes never run this way: two OpenMP teams bound to the same cores spin against each
+# other (docs/testing.md). name -> (argv after the interpreter, extra environment, the test
+# that reads it).
+ROOT = Path(__file__).resolve().parents[1]
+BACKGROUND_RUNS = {
+    "interpreted-kernel-tests": (
+        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops_kernels.py"],
+        {"TRITON_INTERPRET": "1"},
+        "tests/test_ops_interpreter.py::test_kernel_tests_pass_under_the_interpreter"),
+    "interpreted-kernel-benchmark": (
+        ["benchmarks/kernels/bench_kernels.py", "--interpret"],
+        {"TRITON_INTERPRET": "1"},
+        "tests/test_ops_interpreter.py::test_benchmark_smoke_mode_runs_on_cpu"),
+}
+
+
+class BackgroundRun:
+    """One subprocess of BACKGROUND_RUNS, started at collection; ``result()`` waits for it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        # Open for the run's whole life (closed by stop()), so no context manager.
+        self._out = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+        self._proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
+                                      stdout=self._out, stderr=self._err, text=True)
+
+    def result(self, timeout: int = 600) -> subprocess.CompletedProcess:
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            raise
+        self._out.seek(0)
+        self._err.seek(0)
+        return subprocess.CompletedProcess(self._proc.args, self._proc.returncode,
+                                           self._out.read(), self._err.read())
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._out.close()
+        self._err.close()
+
+
+_background: dict[str, BackgroundRun] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only what will run
+def pytest_collection_modifyitems(config, items):
+    selected = {item.nodeid for item in items}
+    for name, (argv, env, test) in BACKGROUND_RUNS.items():
+        if test in selected and name not in _background:
+            _background[name] = BackgroundRun(argv, env)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for run in _background.values():
+        run.stop()
+
+
+@pytest.fixture(scope="session")
+def background_run():
+    """background_run(name) -> the CompletedProcess of BACKGROUND_RUNS[name] (started at
+    collection when its test was selected, else now)."""
+
+    def get(name: str) -> subprocess.CompletedProcess:
+        if name not in _background:
+            argv, env, _ = BACKGROUND_RUNS[name]
+            _background[name] = BackgroundRun(argv, env)
+        return _background[name].result()
+
+    return get
 
 
 # -- the real default model (fetched from PyPI and converted once, then cached) ---------------

@@ -19,14 +19,27 @@ def test_read_paths_benchmark_runs(tmp_path, test_dict):
     pytest.importorskip("vllm")
     out = subprocess.run([sys.executable, "benchmarks/read_paths.py", "--dict", test_dict,
                           "--contexts", "256", "--batches", "2", "--repeats", "1",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          "--layers", "2", "--out", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     row = json.loads((tmp_path / "read_paths.json").read_text())["rows"][0]
     assert row["context"] == 256 and row["batch"] == 2 and row["dense_ms"] > 0
+    assert row["layers"] == 2
     for kernels in ("native", "reference"):  # both kernels, both read paths, the write
         for part in ("sparse", "reconstruct", "write"):
             assert row[f"{kernels}_{part}_ms"] > 0
+
+
+def test_capacity_benchmark_refuses_a_run_without_bf16(tmp_path, test_dict):
+    """Every capacity figure is a ratio to bf16 of the same run: a run without it used to
+    measure every method (minutes) and then fail with a StopIteration, keeping nothing."""
+    out = subprocess.run([sys.executable, "benchmarks/capacity.py", "--dict", test_dict,
+                          "--methods", "csr-2b", "--speed-methods", "csr-2b",
+                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0 and "must include bf16" in out.stderr
+    assert "[capacity] csr-2b" not in out.stdout  # refused before any engine started
 
 
 def test_kernel_benchmark_presets_match_the_codec():
@@ -73,7 +86,7 @@ def test_layer_sensitivity_benchmark_runs(tmp_path, test_dict):
     """benchmarks/layer_sensitivity.py on the default model, one short window: a row per layer
     with finite errors, and the coded layers' outputs not exact (the comparison is real)."""
     out = subprocess.run([sys.executable, "benchmarks/layer_sensitivity.py", "--dict", test_dict,
-                          "--tokens", "200", "--queries", "8", "--guard", "16",
+                          "--tokens", "96", "--queries", "8", "--guard", "16",
                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -2,7 +2,9 @@
 
 Triton reads ``TRITON_INTERPRET`` when kernels (its own standard library included) are
 decorated, i.e. when triton is first imported; this process may already have imported it
-without the variable (vLLM does), so the interpreted runs get their own processes.
+without the variable (vLLM does), so the interpreted runs get their own processes. They are
+started at collection (tests/conftest.py, ``BACKGROUND_RUNS``), so they run while the tests
+before these ones do.
 """
 
 from __future__ import annotations
@@ -16,21 +18,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(args: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def test_kernel_tests_pass_under_the_interpreter():
-    out = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops_kernels.py"])
+def test_kernel_tests_pass_under_the_interpreter(background_run):
+    out = background_run("interpreted-kernel-tests")
     tail = (out.stdout + out.stderr)[-4000:]
     assert out.returncode == 0, tail
     assert " passed" in out.stdout and "failed" not in out.stdout, tail
 
 
-def test_benchmark_smoke_mode_runs_on_cpu():
-    out = _run(["benchmarks/kernels/bench_kernels.py", "--interpret"])
+def test_benchmark_smoke_mode_runs_on_cpu(background_run):
+    out = background_run("interpreted-kernel-benchmark")
     assert out.returncode == 0, out.stderr[-4000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["rows"] and result["rows"][0]["sparse_ms"] > 0

@@ -85,6 +85,46 @@ def test_engine_settings_and_harness_accept_the_search_and_refuse_bad_ones():
         _csr_options("csr-2b+search=128")
 
 
+def test_clusters_are_computed_once_and_read_back_from_the_cache(tmp_path, monkeypatch):
+    from csr_vllm.codec import search
+
+    gen = torch.Generator().manual_seed(4)
+    atoms = unit(gen, 3 * 2 * 90, 12).reshape(3, 2, 1, 90, 12)
+    first = search.clusters_of(atoms, 6, cache=tmp_path)
+    for i in range(3):  # each dictionary clustered on its own
+        for h in range(2):
+            ref = cluster_atoms(atoms[i, h, 0], 6)
+            for got, want in zip((x[i, h, 0] for x in first), ref, strict=True):
+                assert torch.equal(got, want)
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1 and not list(tmp_path.glob("*.tmp"))
+
+    def no_clustering(*_a, **_k):
+        raise AssertionError("clustered again instead of reading the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(search, "cluster_atoms", no_clustering)
+        again = search.clusters_of(atoms, 6, cache=tmp_path)
+    assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
+    # Other atoms or another K: another entry, never the first one's order.
+    other = search.clusters_of(atoms.flip(3), 6, cache=tmp_path)
+    assert not torch.equal(other[0], first[0])
+    search.clusters_of(atoms, 5, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 3
+    # A damaged entry (not a file, or not a permutation) is recomputed and rewritten.
+    files[0].write_bytes(b"garbage")
+    assert torch.equal(search.clusters_of(atoms, 6, cache=tmp_path)[0], first[0])
+    from safetensors.torch import save_file
+
+    save_file({"order": torch.zeros_like(first[0]), "centroids": first[1],
+               "offsets": first[2]}, files[0])
+    assert torch.equal(search.clusters_of(atoms, 6, cache=tmp_path)[0], first[0])
+    # A cache that cannot be written costs the computation only.
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert torch.equal(search.clusters_of(atoms, 6, cache=blocked / "sub")[0], first[0])
+
+
 def test_a_dictionary_ordered_for_search_codes_shards_and_refuses_to_save(tmp_path):
     from csr_vllm.codec.config import CodecConfig
     from csr_vllm.codec.dictionary import DictionaryError, DictionarySet, ModelShape
@@ -100,7 +140,8 @@ def test_a_dictionary_ordered_for_search_codes_shards_and_refuses_to_save(tmp_pa
     assert ordered.config.key.search == "8/2" and ordered.nbytes > dicts.nbytes
     for layer in range(4):  # the same atoms, reordered
         a, b = dicts.codec("key", layer).atoms[0], ordered.codec("key", layer).atoms[0]
-        assert torch.equal(a.sum(0), a.sum(0)) and not torch.equal(a, b)
+        assert not torch.equal(a, b)
+        torch.testing.assert_close(a.sum(0), b.sum(0))
         torch.testing.assert_close(a.sort(0).values, b.sort(0).values)
     x = torch.randn(20, 16, generator=gen)
     part = ordered.shard(layers=(2, 4))

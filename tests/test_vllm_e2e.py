@@ -146,8 +146,9 @@ def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, req
         "csr-2b-adapt-pressured": {"csr": {"dict": DEFAULT, "preset": "csr-2b",
                                            "adapt_atoms": 3}, "engine": pressured},
         # Streams dropped mid-way through AsyncLLM (driver.cancel_mid_stream), then one
-        # request that needs 5 of the pool's 6 blocks.
-        "cancel": {"mode": "cancel", "prompts": prompts[2:] * 2,
+        # request that needs 5 of the pool's 6 blocks. Six streams of the shortest passage
+        # (2 blocks each, a third when decoding): more than the pool holds at once.
+        "cancel": {"mode": "cancel", "prompts": prompts[2:3] * 6,
                    "fill_prompt": prompts[-1] + prompts[2][:100],
                    "csr": {"dict": test_dict, "preset": "csr-2b"},
                    "engine": {"num_gpu_blocks_override": 6, "max_model_len": 640,

@@ -1032,6 +1032,20 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   return err;
 }
 
+// Reads one byte of every 64-byte line of t (threads split the range), so that the rows a
+// kernel gathers next are cache hits.
+namespace {
+void warm_cache(const at::Tensor& t) {
+  const uint8_t* p = static_cast<const uint8_t*>(t.data_ptr());
+  const int64_t lines = (t.numel() * t.element_size() + 63) / 64;
+  at::parallel_for(0, lines, 4096, [&](int64_t l0, int64_t l1) {
+    uint32_t sink = 0;
+    for (int64_t l = l0; l < l1; ++l) sink += p[l * 64];
+    asm volatile("" : : "r"(sink));  // the loads must happen; their values are not needed
+  });
+}
+}  // namespace
+
 // decode_dense: K and V of the first counts[r] slots of blocks[r] (positions pos0[r] + offset)
 // into out_k / out_v [R * BS, H, D] at row r * BS + offset; keys rotated forward (pre-RoPE
 // dictionaries) so they read as vLLM's post-RoPE keys.
@@ -1064,6 +1078,10 @@ void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const
   const uint8_t* cache = kv_cache.data_ptr<uint8_t>();
   const bool bf16 = out_k.scalar_type() == at::kBFloat16;
   TORCH_CHECK(bf16 || out_k.scalar_type() == at::kFloat, "outputs must be bfloat16 or float32");
+  if (r_n > 0) {  // rows gathered at random next: stream them in first (see decode_attention)
+    warm_cache(ka);
+    warm_cache(va);
+  }
   at::parallel_for(0, r_n * h, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> k(d), kr(d), v(d);
     Code code;
@@ -1474,6 +1492,17 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
 #else
   const bool fast = false;
 #endif
+  // Stream both dictionaries through the cache before the random row gathers. A decode step
+  // reads every layer's dictionaries once (SmolLM2: 60 x 1 MiB bf16, twice the L3), so each
+  // layer's rows come from memory, one dependent miss per row; one sequential pass
+  // (prefetcher-friendly, ~0.1 ms for 2 MiB) leaves them in L2/L3 for the gathers
+  // (benchmarks/read_paths.py, 30 layers cycling: docs/results.md "Read and write paths").
+  int64_t coded = 0;
+  for (int64_t i = 0; i < b_n; ++i) coded += std::max<int64_t>(0, args.lens[i] - 1 - wlen);
+  if (coded > 0) {
+    warm_cache(ka);
+    warm_cache(va);
+  }
   at::parallel_for(0, splits * h, 1, [&](int64_t w0, int64_t w1) {
 #if defined(__AVX512F__)
     if (fast) {
