@@ -39,18 +39,26 @@ def unit_atoms(gen):
 # gets it started as soon as the test is selected, so it runs on the core the tests before it
 # leave idle (the suite keeps ~1.2 of the 2 cores busy) instead of after them. Engine
 # processes never run this way: two OpenMP teams bound to the same cores spin against each
-# other (docs/testing.md). name -> (argv after the interpreter, extra environment, the test
-# that reads it).
+# other (docs/testing.md). name -> (command, extra environment, the tests that read it).
 ROOT = Path(__file__).resolve().parents[1]
+_PY, _VLLM = sys.executable, str(Path(sys.executable).parent / "vllm")
+_INTERPRETED = "tests/test_ops_interpreter.py::"
 BACKGROUND_RUNS = {
     "interpreted-kernel-tests": (
-        ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops_kernels.py"],
+        [_PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_ops_kernels.py"],
         {"TRITON_INTERPRET": "1"},
-        "tests/test_ops_interpreter.py::test_kernel_tests_pass_under_the_interpreter"),
+        (_INTERPRETED + "test_kernel_tests_pass_under_the_interpreter",)),
     "interpreted-kernel-benchmark": (
-        ["benchmarks/kernels/bench_kernels.py", "--interpret"],
+        [_PY, "benchmarks/kernels/bench_kernels.py", "--interpret"],
         {"TRITON_INTERPRET": "1"},
-        "tests/test_ops_interpreter.py::test_benchmark_smoke_mode_runs_on_cpu"),
+        (_INTERPRETED + "test_benchmark_smoke_mode_runs_on_cpu",)),
+    # The installed `vllm` command (~10 s of importing vLLM each; no engine starts).
+    "vllm --version": (
+        [_VLLM, "--version"], {},
+        ("tests/test_plugin.py::test_vllm_command_works_on_the_cpu_build",)),
+    "vllm serve --help=CSR": (
+        [_VLLM, "serve", "--help=CSR KV cache"], {},
+        ("tests/test_plugin.py::test_serve_help_lists_the_csr_flags",)),
 }
 
 
@@ -62,7 +70,7 @@ class BackgroundRun:
         self._out = tempfile.TemporaryFile("w+")  # noqa: SIM115
         self._err = tempfile.TemporaryFile("w+")  # noqa: SIM115
         env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
-        self._proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
+        self._proc = subprocess.Popen(argv, cwd=ROOT, env=env,
                                       stdout=self._out, stderr=self._err, text=True)
 
     def result(self, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -90,8 +98,8 @@ _background: dict[str, BackgroundRun] = {}
 @pytest.hookimpl(trylast=True)  # after -k / -m deselection: only what will run
 def pytest_collection_modifyitems(config, items):
     selected = {item.nodeid for item in items}
-    for name, (argv, env, test) in BACKGROUND_RUNS.items():
-        if test in selected and name not in _background:
+    for name, (argv, env, tests) in BACKGROUND_RUNS.items():
+        if selected.intersection(tests) and name not in _background:
             _background[name] = BackgroundRun(argv, env)
 
 

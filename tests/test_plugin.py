@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.metadata as md
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -130,18 +129,14 @@ def test_settings_defaults_and_helper(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def vllm_cli() -> dict[str, tuple[int, str, str]]:
-    """The installed `vllm` command run with each argument list the tests below need, all at
-    once (each run is ~10 s of importing vLLM on one core): args -> (code, stdout, stderr)."""
-    exe = str(Path(sys.executable).parent / "vllm")
-    runs = {"--version": [exe, "--version"],
-            "serve --help=CSR": [exe, "serve", "--help=CSR KV cache"]}
-    procs = {k: subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, cmd in runs.items()}
+def vllm_cli(background_run) -> dict[str, tuple[int, str, str]]:
+    """The installed `vllm` command run with each argument list the tests below need
+    (tests/conftest.py starts them at collection: each is ~10 s of importing vLLM on one core):
+    args -> (code, stdout, stderr)."""
     out = {}
-    for k, proc in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        out[k] = (proc.returncode, stdout, stderr)
+    for k in ("--version", "serve --help=CSR"):
+        res = background_run(f"vllm {k}")
+        out[k] = (res.returncode, res.stdout, res.stderr)
     return out
 
 
