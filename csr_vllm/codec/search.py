@@ -13,8 +13,8 @@ against the full search's 55). A setting (``search``), off by default: not yet m
 head_dim 128.
 
 The clusters are derived from the atoms alone (seeded, deterministic), at engine start:
-a dictionary folder is unchanged. Clustering every dictionary of a model takes seconds (~5 s
-for SmolLM2's 60 on one core), so the result is kept in the cache under a digest of the
+a dictionary folder is unchanged. Clustering every dictionary of a model takes seconds (SmolLM2's
+60 on one core), so the result is kept in the cache under a digest of the
 atoms it was derived from (``clusters/`` in :func:`csr_vllm.paths.cache_root`) and read back
 on the next start. The atoms are reordered so that each cluster is one
 contiguous index range (:func:`ordered_for_search`), the layout a SIMD kernel can scan; codes
