@@ -28,10 +28,15 @@ pytestmark = pytest.mark.skipif(OPS is None, reason=f"native kernels unavailable
 THETA = 10000.0
 
 
-def make_codec(gen, d: int, atoms: int, s: int, coef: str, pursuit: str = "omp") -> TensorCodec:
+def make_codec(gen, d: int, atoms: int, s: int, coef: str, pursuit: str = "omp",
+               bf16_atoms: bool = False) -> TensorCodec:
+    """A random codec; ``bf16_atoms``: atoms exactly representable in bf16 (the kernels'
+    bf16 path then reads the reference's own values)."""
     cfg = TensorCodecConfig(atoms, 1, s, coef, pursuit)
     a = torch.randn(1, atoms, d, generator=gen)
     a = a / a.norm(dim=-1, keepdim=True)
+    if bf16_atoms:
+        a = a.to(torch.bfloat16).float()
     ladder = None
     if cfg.coef_format.uses_ladder:
         train = torch.randn(400, d, generator=gen) * torch.linspace(2, 0.2, d)
@@ -222,33 +227,49 @@ def reference_kv(kc, vc, pages, phys, pos, pre_rope):
     return k, v
 
 
-@pytest.mark.parametrize("d,pre_rope", [(64, True), (128, True), (64, False)])
-def test_decode_dense_equals_the_reference_decode(gen, d, pre_rope):
-    kc, vc = make_codec(gen, d, 512, 7, "log5"), make_codec(gen, d, 512, 5, "fp8")
+# bf16 atoms at head_dim 64 / 128 / 256: the vectorised rows; fp32 and head_dim 96: the scalar ones.
+@pytest.mark.parametrize("d,pre_rope,atom_dtype,out_dtype", [
+    (64, True, torch.float32, torch.float32), (128, True, torch.float32, torch.float32),
+    (64, False, torch.float32, torch.float32), (64, True, torch.bfloat16, torch.float32),
+    (128, True, torch.bfloat16, torch.bfloat16), (256, False, torch.bfloat16, torch.float32),
+    (96, True, torch.bfloat16, torch.float32)])
+def test_decode_dense_equals_the_reference_decode(gen, d, pre_rope, atom_dtype, out_dtype):
+    bf16 = atom_dtype == torch.bfloat16
+    kc = make_codec(gen, d, 512, 7, "log5", bf16_atoms=bf16)
+    vc = make_codec(gen, d, 512, 5, "fp8", bf16_atoms=bf16)
     h, bs = 3, 16
     pages = random_pages(gen, kc, vc, 10, h, bs)
     blocks, counts = torch.tensor([3, 7, 1]), torch.tensor([16, 16, 5])
     pos0 = torch.tensor([0, 16, 32])
-    out_k = torch.full((3 * bs, h, d), 7.0)
+    out_k = torch.full((3 * bs, h, d), 7.0, dtype=out_dtype)
     out_v = out_k.clone()
     cos, sin = rope_tables(d, THETA, torch.arange(64))
     OPS.decode_dense(pages, blocks, counts, pos0, native.format_ints(kc.config, 0),
-                     native.format_ints(vc.config, kc.config.slot_bytes), kc.atoms[0],
-                     ladder_of(kc), vc.atoms[0], ladder_of(vc), cos, sin, pre_rope, out_k, out_v)
+                     native.format_ints(vc.config, kc.config.slot_bytes),
+                     kc.atoms[0].to(atom_dtype), ladder_of(kc), vc.atoms[0].to(atom_dtype),
+                     ladder_of(vc), cos, sin, pre_rope, out_k, out_v)
     phys = (blocks[:, None] * bs + torch.arange(bs)).reshape(-1)
     pos = (pos0[:, None] + torch.arange(bs)).reshape(-1)
     rk, rv = reference_kv(kc, vc, pages, phys, pos, pre_rope)
     written = (torch.arange(bs)[None] < counts[:, None]).reshape(-1)
-    torch.testing.assert_close(out_k[written], rk[written], atol=2e-6, rtol=1e-5)
-    torch.testing.assert_close(out_v[written], rv[written], atol=2e-6, rtol=1e-5)
+    if out_dtype == torch.bfloat16:  # the reference rounded as the kernel rounds its output
+        rk, rv = rk.to(out_dtype), rv.to(out_dtype)
+    tol = {"atol": 2e-6, "rtol": 1e-5} if out_dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+    torch.testing.assert_close(out_k[written], rk[written], **tol)
+    torch.testing.assert_close(out_v[written], rv[written], **tol)
     assert (out_k[~written] == 7.0).all()  # slots past a block's count are not touched
 
 
-@pytest.mark.parametrize("d,g,pre_rope,atom_dtype", [
-    (64, 3, True, torch.float32), (64, 3, True, torch.bfloat16), (128, 6, True, torch.float32),
-    (64, 1, False, torch.float32), (128, 4, False, torch.bfloat16), (96, 2, True, torch.float32)])
-def test_decode_attention_equals_float64_attention(gen, d, g, pre_rope, atom_dtype):
-    kc, vc = make_codec(gen, d, 512, 7, "log5"), make_codec(gen, d, 512, 6, "fp8")
+# g 1-4 / 5-8 / 9-16: the kernel's 4-, 8- and 16-lane score groups; 20 key atoms and fp16
+# values: the code reader's scalar path and its fp16 branch (the rest take the vector reader).
+@pytest.mark.parametrize("d,g,pre_rope,atom_dtype,key_s,value_coef", [
+    (64, 3, True, torch.float32, 7, "fp8"), (64, 3, True, torch.bfloat16, 7, "fp8"),
+    (128, 6, True, torch.float32, 7, "fp8"), (64, 1, False, torch.float32, 7, "fp8"),
+    (128, 4, False, torch.bfloat16, 7, "fp8"), (96, 2, True, torch.float32, 7, "fp8"),
+    (64, 12, True, torch.bfloat16, 7, "fp16"), (256, 8, True, torch.bfloat16, 20, "log4")])
+def test_decode_attention_equals_float64_attention(gen, d, g, pre_rope, atom_dtype, key_s,
+                                                   value_coef):
+    kc, vc = make_codec(gen, d, 512, key_s, "log5"), make_codec(gen, d, 512, 6, value_coef)
     h, bs, nb = 2, 16, 80
     pages = random_pages(gen, kc, vc, nb, h, bs)
     lens = torch.tensor([1100, 17, 1, 600])  # 1100 and 600 span several splits

@@ -93,7 +93,10 @@ inline void unpack(const uint8_t* slot, const Format& f, const float* ladder, in
 
 // A tensor's code reader for one op call: fields read straight from the slot with 64-bit
 // loads (a local copy only where a load could pass the end of the cache), coefficients through
-// a table (S x 2^B entries for logB, 256 for fp8) instead of branches per field.
+// a table (S x 2^B entries for logB, 256 for fp8) instead of branches per field. With
+// AVX-512 VBMI and a code of at most 64 bytes and 16 atoms, all S fields of a kind at once:
+// one masked load of the code, a byte permutation that puts each field's 4 bytes in its own
+// 32-bit lane, a per-lane shift and mask; coefficients from the table.
 struct Decoder {
   Format f;
   std::vector<float> lut;
@@ -101,6 +104,12 @@ struct Decoder {
   uint64_t cmask, imask;
   const float* ladder;
   int64_t m;
+#if defined(__AVX512VBMI__)
+  bool vec = false;
+  __mmask64 bytes_mask = 0;
+  __mmask16 atoms_mask = 0;
+  __m512i iperm, ishift, imaskv, cperm, cshift, cmaskv, lut_base;
+#endif
 
   Decoder(const Format& fm, const float* lad, int64_t mm) : f(fm), ladder(lad), m(mm) {
     cmask = (uint64_t(1) << f.coef_bits) - 1;
@@ -114,10 +123,55 @@ struct Decoder {
       lut.resize(256);
       for (int c = 0; c < 256; ++c) lut[c] = coef_value(f, uint32_t(c), 0, ladder, m);
     }
+#if defined(__AVX512VBMI__)
+    // Every field's 4-byte window inside the 64 loaded bytes, and the field inside its window.
+    const int64_t ib = f.atoms * f.coef_bits;
+    vec = f.bytes <= 64 && f.atoms <= 16 && f.index_bits + 7 <= 32 && f.coef_bits + 7 <= 32 &&
+          (ib + (f.atoms - 1) * f.index_bits) / 8 + 4 <= 64;
+    if (!vec) return;
+    alignas(64) uint8_t ip[64] = {}, cp[64] = {};
+    alignas(64) int32_t is[16] = {}, cs[16] = {}, base[16] = {};
+    for (int64_t s = 0; s < f.atoms; ++s) {
+      const int64_t cbit = s * f.coef_bits, ibit = ib + s * f.index_bits;
+      for (int b = 0; b < 4; ++b) {
+        ip[4 * s + b] = uint8_t(ibit / 8 + b);
+        cp[4 * s + b] = uint8_t(cbit / 8 + b);
+      }
+      is[s] = int32_t(ibit % 8);
+      cs[s] = int32_t(cbit % 8);
+      base[s] = int32_t(s * lut_stride);
+    }
+    bytes_mask = f.bytes == 64 ? ~__mmask64(0) : ((__mmask64(1) << f.bytes) - 1);
+    atoms_mask = __mmask16((1u << f.atoms) - 1);
+    iperm = _mm512_load_si512(ip);
+    cperm = _mm512_load_si512(cp);
+    ishift = _mm512_load_si512(is);
+    cshift = _mm512_load_si512(cs);
+    lut_base = _mm512_load_si512(base);
+    imaskv = _mm512_set1_epi32(int32_t(imask));
+    cmaskv = _mm512_set1_epi32(int32_t(cmask));
+#endif
   }
 
   // code: the slot's first byte + f.offset; end: one past the last byte of the cache.
   inline void unpack(const uint8_t* code, const uint8_t* end, Code& out) const {
+#if defined(__AVX512VBMI__)
+    if (vec) {  // masked-off bytes are never read, so no copy near the end of the cache
+      const __m512i raw = _mm512_maskz_loadu_epi8(bytes_mask, code);
+      const __m512i ix = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(iperm, raw), ishift), imaskv);
+      _mm512_mask_storeu_epi32(out.idx, atoms_mask, ix);
+      const __m512i cv = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi8(cperm, raw), cshift), cmaskv);
+      if (f.kind == 0) {
+        _mm512_mask_storeu_ps(out.coef, atoms_mask, _mm512_cvtph_ps(_mm512_cvtepi32_epi16(cv)));
+        return;
+      }
+      // Table lookups one by one: a vector gather is slower than S scalar loads here (Zen 4).
+      alignas(64) int32_t at[16];
+      _mm512_store_si512(at, _mm512_add_epi32(cv, lut_base));
+      for (int64_t s = 0; s < f.atoms; ++s) out.coef[s] = lut[at[s]];
+      return;
+    }
+#endif
     uint8_t buf[kMaxCodeBytes + 8];
     const uint8_t* src = code;
     if (code + f.bytes + 8 > end) {
@@ -414,6 +468,10 @@ __attribute__((always_inline)) inline void i8_pass(const int32_t (*__restrict qu
     for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_si512();
   const uint8_t* col = t8.q + a * 4;
   for (int64_t j = 0; j < d / 4; ++j, col += a_total * 4) {
+    // Lines 4 passes ahead: a pass's channel quads lie a_total * 4 bytes apart (32 KiB at
+    // 8192 atoms), 16 streams the hardware prefetcher does not follow.
+    _mm_prefetch(reinterpret_cast<const char*>(col + 64 * 4 * G), _MM_HINT_T0);
+    if (G > 1) _mm_prefetch(reinterpret_cast<const char*>(col + 64 * 4 * G + 64), _MM_HINT_T0);
     for (int q = 0; q < G; ++q) {
       const __m512i c = _mm512_loadu_si512(col + 64 * q);
       for (int r = 0; r < R; ++r)
@@ -663,21 +721,28 @@ void top_clusters(const float* score, int64_t k, int64_t p, int32_t* out) {
 #endif
     return n;
   };
-  uint32_t lo = 0, hi = 0;  // count_ge(lo) >= p; the answer is at most the largest score
-  for (int64_t c = 0; c < k; ++c) hi = std::max(hi, bits[c]);
-  while (lo < hi) {  // the largest t with count_ge(t) >= p
+  uint32_t lo = ~0u, hi = 0;  // count_ge(lo) >= p; the answer is at most the largest score
+  for (int64_t c = 0; c < k; ++c) {
+    hi = std::max(hi, bits[c]);
+    lo = std::min(lo, bits[c]);
+  }
+  while (lo < hi) {  // the largest t with count_ge(t) >= p; any t with exactly p is as good
     const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (count_ge(mid) >= p) lo = mid; else hi = mid - 1;
+    const int64_t n_ge = count_ge(mid);
+    if (n_ge == p) {  // the same P scores as the largest such t (none lies in between)
+      lo = mid;
+      break;
+    }
+    if (n_ge > p) lo = mid; else hi = mid - 1;
   }
   int64_t n = 0;
   int64_t c = 0;
 #if defined(__AVX512F__)
   const __m512i lov = _mm512_set1_epi32(static_cast<int32_t>(lo));
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (; c + 16 <= k; c += 16) {  // all above the threshold (fewer than p of them)
-    const __mmask16 m = _mm512_cmpgt_epu32_mask(_mm512_loadu_si512(bits + c), lov);
-    _mm512_mask_compressstoreu_epi32(out + n, m, _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int32_t>(c))));
-    n += __builtin_popcount(m);
+    // Set bits one by one: a compress-store to memory is microcoded on Zen 4 (~100 cycles).
+    for (uint32_t m = _mm512_cmpgt_epu32_mask(_mm512_loadu_si512(bits + c), lov); m; m &= m - 1)
+      out[n++] = static_cast<int32_t>(c + __builtin_ctz(m));
   }
 #endif
   for (; c < k; ++c)
@@ -887,9 +952,25 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
               for (int64_t i = 0; i < nr; ++i)
                 for (int64_t p = 0; p < probes; ++p) list[fill[probe[i * probes + p]]++] = static_cast<int32_t>(i);
             }
+            // A cluster's table lines (D/4 runs of its atoms' quads, 32 KiB apart): prefetched
+            // while the cluster before it is scanned, since a few rows per cluster (a decode
+            // step's) leave each scan waiting on its first touch of every run.
+            auto prefetch_cluster = [&](int64_t c) {
+              const int64_t bytes = (std::min(o[c + 1], scan_end) - o[c]) * 4;
+              for (int64_t j = 0; j < d / 4; ++j) {
+                const char* run = reinterpret_cast<const char*>(t8.q + (j * a_total + o[c]) * 4);
+                for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(run + b, _MM_HINT_T0);
+              }
+            };
+            auto scanned = [&](int64_t c) { return first[c] < first[c + 1] && o[c] < std::min(o[c + 1], scan_end); };
+            int64_t next = 0;
+            while (next < n_clusters && !scanned(next)) ++next;
+            if (next < n_clusters) prefetch_cluster(next);
             ScreenRows* tile[8];
-            for (int64_t c = 0; c < n_clusters; ++c) {
-              if (o[c] >= std::min(o[c + 1], scan_end)) continue;
+            for (int64_t c = next; c < n_clusters; c = next) {
+              next = c + 1;
+              while (next < n_clusters && !scanned(next)) ++next;
+              if (next < n_clusters) prefetch_cluster(next);
               for (int64_t t = first[c]; t < first[c + 1]; t += 8) {
                 const int64_t nt = std::min<int64_t>(8, first[c + 1] - t);
                 for (int64_t u = 0; u < nt; ++u) tile[u] = &sr[list[t + u]];
@@ -1046,6 +1127,23 @@ void warm_cache(const at::Tensor& t) {
 }
 }  // namespace
 
+#if defined(__AVX512F__)
+// What the vectorised rows of decode_dense read (decode_dense_rows, defined with the
+// attention kernel's register helpers below).
+struct DenseArgs {
+  const Decoder *dk, *dv;
+  const uint8_t *cache, *cache_end;
+  const int64_t *blocks, *counts, *pos0;
+  const c10::BFloat16 *ka, *va;
+  const float *cos, *sin;
+  int64_t rope_rows, h, bs, cb, koff, voff;
+  at::BFloat16 *ok16, *ov16;
+  float *ok32, *ov32;
+};
+template <int D>
+void decode_dense_rows(const DenseArgs& A, int64_t w0, int64_t w1);
+#endif
+
 // decode_dense: K and V of the first counts[r] slots of blocks[r] (positions pos0[r] + offset)
 // into out_k / out_v [R * BS, H, D] at row r * BS + offset; keys rotated forward (pre-RoPE
 // dictionaries) so they read as vLLM's post-RoPE keys.
@@ -1082,6 +1180,29 @@ void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const
     warm_cache(ka);
     warm_cache(va);
   }
+#if defined(__AVX512F__)
+  if (bf16_atoms && (d == 64 || d == 128 || d == 256)) {  // the vectorised rows (below)
+    const Decoder dk(fk, klp, mk), dv(fv, vlp, mv);
+    const DenseArgs args{&dk, &dv, cache, cache + kv_cache.numel(), blocks.data_ptr<int64_t>(),
+                         counts.data_ptr<int64_t>(), pos0.data_ptr<int64_t>(),
+                         ka.data_ptr<c10::BFloat16>(), va.data_ptr<c10::BFloat16>(),
+                         apply ? cos.data_ptr<float>() : nullptr, apply ? sin.data_ptr<float>() : nullptr,
+                         apply ? cos.size(0) : 0, h, bs, cb, fk.offset, fv.offset,
+                         bf16 ? out_k.data_ptr<at::BFloat16>() : nullptr,
+                         bf16 ? out_v.data_ptr<at::BFloat16>() : nullptr,
+                         bf16 ? nullptr : out_k.data_ptr<float>(), bf16 ? nullptr : out_v.data_ptr<float>()};
+    for (int64_t r = 0; r < r_n; ++r) {
+      const int64_t cnt = std::min(args.counts[r], bs);
+      TORCH_CHECK(!apply || cnt <= 0 || args.pos0[r] + cnt - 1 < args.rope_rows, "position beyond the RoPE table");
+    }
+    at::parallel_for(0, r_n * h, 1, [&](int64_t w0, int64_t w1) {
+      if (d == 64) decode_dense_rows<64>(args, w0, w1);
+      else if (d == 128) decode_dense_rows<128>(args, w0, w1);
+      else decode_dense_rows<256>(args, w0, w1);
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, r_n * h, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> k(d), kr(d), v(d);
     Code code;
@@ -1146,9 +1267,13 @@ struct AttnArgs {
 };
 
 #if defined(__AVX512F__)
+// Register-level helpers of the attention kernel: always inlined (an out-of-line call passes
+// the vectors through memory once per token).
+#define CSR_VINLINE inline __attribute__((always_inline))
+
 // exp(x) for x <= 0 (softmax weights): 2^(x log2 e) as 2^i * p(f), p a degree-6 polynomial
 // (relative error ~2e-7, below the bf16 output's rounding).
-inline __m512 exp_ps(__m512 x) {
+CSR_VINLINE __m512 exp_ps(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -1169,8 +1294,8 @@ struct VecD {
   __m512 v[U];
 };
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+CSR_VINLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+CSR_VINLINE __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
@@ -1182,7 +1307,7 @@ inline void prefetch_row(const T* row, int64_t d) {
 }
 
 template <int D, typename T>
-inline void rebuild_v(const Code& code, int64_t atoms_n, const T* atoms, VecD<D>& out) {
+CSR_VINLINE void rebuild_v(const Code& code, int64_t atoms_n, const T* atoms, VecD<D>& out) {
   for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = _mm512_setzero_ps();
   for (int64_t s = 0; s < atoms_n; ++s) {
     const __m512 c = _mm512_set1_ps(code.coef[s]);
@@ -1192,7 +1317,7 @@ inline void rebuild_v(const Code& code, int64_t atoms_n, const T* atoms, VecD<D>
 }
 
 template <int D>
-inline void rope_v(VecD<D>& x, const float* cos, const float* sin) {
+CSR_VINLINE void rope_v(VecD<D>& x, const float* cos, const float* sin) {
   constexpr int H2 = VecD<D>::U / 2;
   for (int u = 0; u < H2; ++u) {
     const __m512 lo = x.v[u], hi = x.v[u + H2];
@@ -1202,35 +1327,128 @@ inline void rope_v(VecD<D>& x, const float* cos, const float* sin) {
 }
 
 template <int D>
-inline void load_v(const float* src, VecD<D>& x) {
+CSR_VINLINE void load_v(const float* src, VecD<D>& x) {
   for (int u = 0; u < VecD<D>::U; ++u) x.v[u] = _mm512_loadu_ps(src + 16 * u);
 }
 
+// A token's scores for its G query heads sit side by side in GP lanes (G rounded up to 4, 8
+// or 16: "token-major"), so one vector op updates all G heads' value bins, and four heads'
+// dot products share one horizontal reduction (hsum4) instead of one each.
+template <int GP>
+struct GVec;
+template <>
+struct GVec<4> {
+  using V = __m128;
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static void store(float* p, V v) { _mm_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm_fmadd_ps(a, b, c); }
+  static V set1(float x) { return _mm_set1_ps(x); }
+  static bool any(V v) { return _mm_movemask_ps(_mm_cmpneq_ps(v, _mm_setzero_ps())) != 0; }
+};
+template <>
+struct GVec<8> {
+  using V = __m256;
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V set1(float x) { return _mm256_set1_ps(x); }
+  static bool any(V v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) != 0; }
+};
+template <>
+struct GVec<16> {
+  using V = __m512;
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V set1(float x) { return _mm512_set1_ps(x); }
+  static bool any(V v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0; }
+};
+
+// The lane sums of four vectors, as one vector (sum a, sum b, sum c, sum d).
+CSR_VINLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// Scores of key k against the G scaled queries qs [G, D], into out[0, GP) (lanes >= G: 0).
+template <int D, int GP>
+CSR_VINLINE void group_scores(const VecD<D>& k, const float* qs, int64_t g, float* out) {
+  for (int j = 0; j < GP; j += 4) {
+    __m512 s[4];
+    for (int y = 0; y < 4; ++y) {
+      if (j + y >= g) {
+        s[y] = _mm512_setzero_ps();
+        continue;
+      }
+      const float* qy = qs + (j + y) * D;
+      s[y] = _mm512_mul_ps(k.v[0], _mm512_load_ps(qy));
+      for (int u = 1; u < VecD<D>::U; ++u) s[y] = _mm512_fmadd_ps(k.v[u], _mm512_load_ps(qy + 16 * u), s[y]);
+    }
+    _mm_storeu_ps(out + j, hsum4(s[0], s[1], s[2], s[3]));
+  }
+}
+
+// Per-head max / sum of token-major scores sc [n, GP] (n * GP a multiple of 16) into out[GP].
+template <int GP, bool kMax>
+inline void fold_heads(const float* sc, int64_t n, float* out) {
+  __m512 r = _mm512_set1_ps(kMax ? -INFINITY : 0.0f);
+  for (int64_t x = 0; x < n * GP; x += 16) {
+    const __m512 v = _mm512_loadu_ps(sc + x);
+    r = kMax ? _mm512_max_ps(r, v) : _mm512_add_ps(r, v);
+  }
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, r);
+  for (int y = 0; y < GP; ++y) out[y] = lanes[y];
+  for (int l = GP; l < 16; ++l) out[l % GP] = kMax ? std::max(out[l % GP], lanes[l]) : out[l % GP] + lanes[l];
+}
+
+// exp(sc - m[head]) in place over token-major scores sc [n, GP] (n * GP a multiple of 16).
+template <int GP>
+inline void exp_heads(float* sc, int64_t n, const float* m) {
+  alignas(64) float rep[16];
+  for (int l = 0; l < 16; ++l) rep[l] = m[l % GP];
+  const __m512 mv = _mm512_load_ps(rep);
+  for (int64_t x = 0; x < n * GP; x += 16)
+    _mm512_storeu_ps(sc + x, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + x), mv)));
+}
+
 // Value accumulation in the dictionary's domain ("bins"): sum_t p_t v_t = sum_a w_a D_a with
-// w_a = sum over (t, s) of p_t c_ts where idx_ts = a, so each coded value costs S scalar
-// adds instead of S row gathers, plus one A x D pass per (request, KV head). Taken when a
-// context holds at least kBinFactor x A value atom references (t * S >= kBinFactor * A).
+// w_a = sum over (t, s) of p_t c_ts where idx_ts = a, so each coded value costs S vector
+// adds (all G heads at once) instead of S row gathers, plus one A x D pass per (request, KV
+// head). Taken when a context holds at least kBinFactor x A value atom references
+// (t * S >= kBinFactor * A).
 constexpr int64_t kBinFactor = 1;
 
 // One work item: request i, KV head `head`, tokens [t0, t1); partial softmax state out.
 // Tiles of kT tokens, software-pipelined: while a tile's keys are rebuilt, the next tile's
 // codes are unpacked and its key atoms prefetched, and this tile's value atoms are in flight,
-// so the dictionary's random row gathers overlap instead of stalling one by one.
+// so the dictionary's random row gathers overlap instead of stalling one by one. A tile
+// inside one block and before the exact window takes its slots by stride, without the
+// per-token block lookup and window test.
 // kBins: values through bins (above); the item then covers the whole context, scores are
 // kept for a two-pass softmax (bins need each token's final weight).
-template <int D, typename T, bool kBins>
+template <int D, int GP, typename T, bool kBins>
 void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t head, int64_t t0, int64_t t1, float* m,
                  float* l, float* acc) {
   constexpr int64_t kT = 16;
+  using G = GVec<GP>;
   const int64_t g = A.g, h = A.h, bs = A.bs;
   const int64_t t = A.lens[i], row = A.rows[i];
   const int64_t wstart = t - 1 - A.wlen;
   alignas(64) float qs[16 * D];
   alignas(64) float ebuf[D];
-  alignas(64) float tile_scores[16 * kT];
-  static thread_local std::vector<float> all_scores, bins;  // [g, t1 - t0], [g, A] (kBins)
-  const int64_t span = t1 - t0, span16 = (span + 15) / 16 * 16;
-  if (kBins) all_scores.assign(g * span16, -INFINITY);
+  alignas(64) float tile_scores[kT * GP];
+  static thread_local std::vector<float> all_scores, bins;  // [t1 - t0 (+ pad), GP], [A, GP] (kBins)
+  const int64_t span = t1 - t0;
+  if (kBins) all_scores.assign((span + 16) * GP, -INFINITY);
+  // Raw pointers: through the thread_local vectors every store would reload them (TLS calls).
+  float* const sc_all = kBins ? all_scores.data() : nullptr;
   for (int64_t x = 0; x < g * D; ++x) qs[x] = A.q[(row * A.hq + head * g) * D + x] * A.scale;
   for (int64_t y = 0; y < g; ++y) { m[y] = -INFINITY; l[y] = 0.0f; }
   std::fill(acc, acc + g * D, 0.0f);
@@ -1251,6 +1469,8 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
   };
   const int64_t* trow = A.tab + i * A.table_cols;
   auto slot_of = [&](int64_t p) { return A.cache + ((trow[p / bs] * h + head) * bs + p % bs) * A.cb; };
+  // Tokens [p0, p0 + tn) all coded and in one block: their slots are one stride apart.
+  auto plain_tile = [&](int64_t p0, int64_t tn) { return p0 + tn - 1 < wstart && p0 % bs + tn <= bs; };
   VecD<D> k, v;
   // Two tiles in flight; kx holds a token's exact key (copied out of ebuf).
   struct Tile {
@@ -1261,15 +1481,17 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
   static thread_local Tile tiles[2];
   auto stage = [&](int64_t p0, Tile& tl) {
     const int64_t tn = std::min(kT, t1 - p0);
+    const bool plain = plain_tile(p0, tn);
+    const uint8_t* base = plain ? slot_of(p0) : nullptr;
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
-      const float* e = exact(p, 0);
+      const float* e = plain ? nullptr : exact(p, 0);
       tl.is_exact[x] = e != nullptr;
       if (e) {
         std::copy(e, e + D, tl.kx[x]);
         continue;
       }
-      const uint8_t* slot = slot_of(p);
+      const uint8_t* slot = plain ? base + x * A.cb : slot_of(p);
       A.dk->unpack(slot + A.fk.offset, A.cache_end, tl.kc[x]);
       if (!kBins) A.dv->unpack(slot + A.fv.offset, A.cache_end, tl.vc[x]);
       for (int64_t s = 0; s < A.fk.atoms; ++s) prefetch_row(ka + int64_t(tl.kc[x].idx[s]) * D, D);
@@ -1285,7 +1507,7 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
       for (int64_t s = 0; s < A.fv.atoms; ++s) prefetch_row(va + int64_t(tl.vc[x].idx[s]) * D, D);
     }
     if (p0 + kT < t1) stage(p0 + kT, tiles[cur ^ 1]);
-    float* scores = kBins ? nullptr : tile_scores;
+    float* scores = kBins ? sc_all + (p0 - t0) * GP : tile_scores;
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
       if (tl.is_exact[x]) {
@@ -1294,29 +1516,30 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
         rebuild_v<D>(tl.kc[x], A.fk.atoms, ka, k);
         if (A.apply) rope_v<D>(k, A.cos + p * D, A.sin + p * D);
       }
-      for (int64_t y = 0; y < g; ++y) {
-        __m512 s = _mm512_mul_ps(k.v[0], _mm512_load_ps(qs + y * D));
-        for (int u = 1; u < VecD<D>::U; ++u) s = _mm512_fmadd_ps(k.v[u], _mm512_load_ps(qs + y * D + 16 * u), s);
-        const float sc = _mm512_reduce_add_ps(s);
-        if (kBins) all_scores[y * span16 + (p - t0)] = sc;
-        else scores[y * kT + x] = sc;
-      }
+      group_scores<D, GP>(k, qs, g, scores + x * GP);
     }
     if (kBins) continue;
+    std::fill(scores + tn * GP, scores + kT * GP, -INFINITY);
+    alignas(64) float mx[GP], sum[GP];
+    fold_heads<GP, true>(scores, kT, mx);
+    float corr[GP];
+    for (int64_t y = 0; y < GP; ++y) {
+      if (y >= g) {
+        mx[y] = 0.0f;
+        continue;
+      }
+      mx[y] = std::max(m[y], mx[y]);
+      corr[y] = m[y] == -INFINITY ? 0.0f : std::exp(m[y] - mx[y]);
+    }
+    exp_heads<GP>(scores, kT, mx);
+    fold_heads<GP, false>(scores, kT, sum);
     for (int64_t y = 0; y < g; ++y) {
-      float* sc = scores + y * kT;
-      for (int64_t x = tn; x < kT; ++x) sc[x] = -INFINITY;
-      const __m512 s0 = _mm512_loadu_ps(sc);
-      const float mx = std::max(m[y], _mm512_reduce_max_ps(s0));
-      const __m512 e0 = exp_ps(_mm512_sub_ps(s0, _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(sc, e0);
-      const float corr = m[y] == -INFINITY ? 0.0f : std::exp(m[y] - mx);
-      l[y] = l[y] * corr + _mm512_reduce_add_ps(e0);
-      if (corr != 1.0f) {
-        const __m512 cv = _mm512_set1_ps(corr);
+      l[y] = l[y] * corr[y] + sum[y];
+      if (corr[y] != 1.0f) {
+        const __m512 cv = _mm512_set1_ps(corr[y]);
         for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(acc + y * D + 16 * u, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + y * D + 16 * u)));
       }
-      m[y] = mx;
+      m[y] = mx[y];
     }
     for (int64_t x = 0; x < tn; ++x) {
       const int64_t p = p0 + x;
@@ -1327,7 +1550,7 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
         rebuild_v<D>(tl.vc[x], A.fv.atoms, va, v);
       }
       for (int64_t y = 0; y < g; ++y) {
-        const __m512 e = _mm512_set1_ps(scores[y * kT + x]);
+        const __m512 e = _mm512_set1_ps(scores[x * GP + y]);
         float* a = acc + y * D;
         for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
       }
@@ -1336,69 +1559,130 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
   if (!kBins) return;
   // Softmax weights of every token (second pass), then the values: exact ones directly,
   // coded ones into the bins, and the bins through the dictionary once.
-  for (int64_t y = 0; y < g; ++y) {
-    float* sc = all_scores.data() + y * span16;
-    __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t x = 0; x < span16; x += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(sc + x));
-    m[y] = _mm512_reduce_max_ps(mx);
-    const __m512 mv = _mm512_set1_ps(m[y]);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t x = 0; x < span16; x += 16) {
-      const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + x), mv));
-      _mm512_storeu_ps(sc + x, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    l[y] = _mm512_reduce_add_ps(sum);
-  }
+  const int64_t n16 = (span * GP + 15) / 16 * 16 / GP;  // tokens covered by whole vectors
+  alignas(64) float mx[GP], sum[GP];
+  fold_heads<GP, true>(sc_all, n16, mx);
+  for (int64_t y = g; y < GP; ++y) mx[y] = 0.0f;
+  exp_heads<GP>(sc_all, n16, mx);
+  fold_heads<GP, false>(sc_all, n16, sum);
+  for (int64_t y = 0; y < g; ++y) { m[y] = mx[y]; l[y] = sum[y]; }
   const int64_t a_n = A.va_rows;
-  bins.assign(g * a_n, 0.0f);
+  bins.assign(a_n * GP, 0.0f);
+  float* const bin = bins.data();
   Code vcode;
-  for (int64_t p = t0; p < t1; ++p) {
-    if (exact(p, 0)) {  // exact for K and V alike
-      load_v<D>(exact(p, 1), v);
-      for (int64_t y = 0; y < g; ++y) {
-        const __m512 e = _mm512_set1_ps(all_scores[y * span16 + (p - t0)]);
-        float* a = acc + y * D;
-        for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
+  for (int64_t p0 = t0; p0 < t1; p0 += kT) {
+    const int64_t tn = std::min(kT, t1 - p0);
+    const bool plain = plain_tile(p0, tn);
+    const uint8_t* base = plain ? slot_of(p0) : nullptr;
+    for (int64_t x = 0; x < tn; ++x) {
+      const int64_t p = p0 + x;
+      const float* sc = sc_all + (p - t0) * GP;
+      if (!plain && exact(p, 0)) {  // exact for K and V alike
+        load_v<D>(exact(p, 1), v);
+        for (int64_t y = 0; y < g; ++y) {
+          const __m512 e = _mm512_set1_ps(sc[y]);
+          float* a = acc + y * D;
+          for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
+        }
+        continue;
       }
-      continue;
-    }
-    A.dv->unpack(slot_of(p) + A.fv.offset, A.cache_end, vcode);
-    for (int64_t y = 0; y < g; ++y) {
-      const float e = all_scores[y * span16 + (p - t0)];
-      float* w = bins.data() + y * a_n;
-      for (int64_t s = 0; s < A.fv.atoms; ++s) w[vcode.idx[s]] += e * vcode.coef[s];
+      A.dv->unpack((plain ? base + x * A.cb : slot_of(p)) + A.fv.offset, A.cache_end, vcode);
+      const typename G::V ev = G::load(sc);
+      for (int64_t s = 0; s < A.fv.atoms; ++s) {
+        float* w = bin + int64_t(vcode.idx[s]) * GP;
+        G::store(w, G::fma(G::set1(vcode.coef[s]), ev, G::load(w)));
+      }
     }
   }
-  for (int64_t a = 0; a < a_n; ++a) {
-    bool any = false;
-    for (int64_t y = 0; y < g; ++y) any |= bins[y * a_n + a] != 0.0f;
-    if (!any) continue;
-    const T* row_a = va + a * D;
-    VecD<D> atom;
-    for (int u = 0; u < VecD<D>::U; ++u) atom.v[u] = load16(row_a + 16 * u);
-    for (int64_t y = 0; y < g; ++y) {
-      const __m512 w = _mm512_set1_ps(bins[y * a_n + a]);
-      float* o = acc + y * D;
-      for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(o + 16 * u, _mm512_fmadd_ps(w, atom.v[u], _mm512_loadu_ps(o + 16 * u)));
+  // The bins through the dictionary, YB heads at a time, their outputs in registers.
+  constexpr int YB = D == 64 ? 4 : (D == 128 ? 2 : 1);
+  for (int64_t y0 = 0; y0 < g; y0 += YB) {
+    const int64_t yn = std::min<int64_t>(YB, g - y0);
+    VecD<D> o[YB];
+    for (int y = 0; y < YB; ++y)
+      for (int u = 0; u < VecD<D>::U; ++u) o[y].v[u] = _mm512_setzero_ps();
+    for (int64_t a = 0; a < a_n; ++a) {
+      const float* w = bin + a * GP;
+      if (!G::any(G::load(w))) continue;  // an atom no token uses
+      const T* row_a = va + a * D;
+      VecD<D> atom;
+      for (int u = 0; u < VecD<D>::U; ++u) atom.v[u] = load16(row_a + 16 * u);
+      for (int y = 0; y < YB; ++y) {
+        const __m512 wy = _mm512_set1_ps(y < yn ? w[y0 + y] : 0.0f);
+        for (int u = 0; u < VecD<D>::U; ++u) o[y].v[u] = _mm512_fmadd_ps(wy, atom.v[u], o[y].v[u]);
+      }
+    }
+    for (int64_t y = 0; y < yn; ++y) {
+      float* out = acc + (y0 + y) * D;
+      for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(out + 16 * u, _mm512_add_ps(o[y].v[u], _mm512_loadu_ps(out + 16 * u)));
     }
   }
 }
 #endif
 
 #if defined(__AVX512F__)
+template <int D, typename T>
+void attend_dispatch_d(const AttnArgs& A, const T* ka, const T* va, bool bins, int64_t i, int64_t head, int64_t t0,
+                       int64_t t1, float* m, float* l, float* acc) {
+  if (A.g <= 4) {
+    if (bins) attend_item<D, 4, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
+    else attend_item<D, 4, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
+  } else if (A.g <= 8) {
+    if (bins) attend_item<D, 8, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
+    else attend_item<D, 8, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
+  } else {
+    if (bins) attend_item<D, 16, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
+    else attend_item<D, 16, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
+  }
+}
+
 template <typename T>
 void attend_dispatch(const AttnArgs& A, const T* ka, const T* va, bool bins, int64_t i, int64_t head, int64_t t0,
                      int64_t t1, float* m, float* l, float* acc) {
-  if (A.d == 64) {
-    if (bins) attend_item<64, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
-    else attend_item<64, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
-  } else if (A.d == 128) {
-    if (bins) attend_item<128, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
-    else attend_item<128, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
-  } else {
-    if (bins) attend_item<256, T, true>(A, ka, va, i, head, t0, t1, m, l, acc);
-    else attend_item<256, T, false>(A, ka, va, i, head, t0, t1, m, l, acc);
+  if (A.d == 64) attend_dispatch_d<64>(A, ka, va, bins, i, head, t0, t1, m, l, acc);
+  else if (A.d == 128) attend_dispatch_d<128>(A, ka, va, bins, i, head, t0, t1, m, l, acc);
+  else attend_dispatch_d<256>(A, ka, va, bins, i, head, t0, t1, m, l, acc);
+}
+#endif
+
+#if defined(__AVX512F__)
+// decode_dense's rows with bf16 dictionaries and a vectorised head_dim: codes through the
+// Decoder, K and V rebuilt in registers (rebuild_v, rope_v as decode attention does).
+template <int D>
+void decode_dense_rows(const DenseArgs& A, int64_t w0, int64_t w1) {
+  Code code;
+  VecD<D> k, v;
+  alignas(64) float kb[D], vb[D];
+  for (int64_t w = w0; w < w1; ++w) {
+    const int64_t r = w / A.h, head = w % A.h;
+    const int64_t cnt = std::min(A.counts[r], A.bs);
+    for (int64_t o = 0; o < cnt; ++o) {
+      const uint8_t* slot = A.cache + ((A.blocks[r] * A.h + head) * A.bs + o) * A.cb;
+      A.dk->unpack(slot + A.koff, A.cache_end, code);
+      rebuild_v<D>(code, A.dk->f.atoms, A.ka, k);
+      if (A.cos) {
+        const int64_t p = A.pos0[r] + o;
+        rope_v<D>(k, A.cos + p * D, A.sin + p * D);
+      }
+      A.dv->unpack(slot + A.voff, A.cache_end, code);
+      rebuild_v<D>(code, A.dv->f.atoms, A.va, v);
+      const int64_t row = ((r * A.bs + o) * A.h + head) * D;
+      if (A.ok32) {
+        for (int u = 0; u < VecD<D>::U; ++u) {
+          _mm512_storeu_ps(A.ok32 + row + 16 * u, k.v[u]);
+          _mm512_storeu_ps(A.ov32 + row + 16 * u, v.v[u]);
+        }
+        continue;
+      }
+      for (int u = 0; u < VecD<D>::U; ++u) {
+        _mm512_store_ps(kb + 16 * u, k.v[u]);
+        _mm512_store_ps(vb + 16 * u, v.v[u]);
+      }
+      for (int64_t j = 0; j < D; ++j) {  // c10's rounding, as the scalar path
+        A.ok16[row + j] = kb[j];
+        A.ov16[row + j] = vb[j];
+      }
+    }
   }
 }
 #endif
@@ -1497,9 +1781,16 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   // layer's rows come from memory, one dependent miss per row; one sequential pass
   // (prefetcher-friendly, ~0.1 ms for 2 MiB) leaves them in L2/L3 for the gathers
   // (benchmarks/read_paths.py, 30 layers cycling: docs/results.md "Read and write paths").
-  int64_t coded = 0;
-  for (int64_t i = 0; i < b_n; ++i) coded += std::max<int64_t>(0, args.lens[i] - 1 - wlen);
-  if (coded > 0) {
+  // Only where the step gathers at least a quarter as many rows as the dictionaries hold: a
+  // row gathered from memory costs ~4x a streamed one (SmolLM2, 30 layers cycling: 130
+  // coded tokens read in 0.19 ms a layer either way), so a few coded tokens (a context just
+  // past the window) gather faster than the pass streams both dictionaries.
+  int64_t coded = 0;  // tokens read from their codes: all but the own token and window hits
+  for (int64_t i = 0; i < b_n; ++i) {
+    coded += args.lens[i] - 1;
+    for (int64_t w = std::max<int64_t>(0, wlen - (args.lens[i] - 1)); w < wlen; ++w) coded -= args.widx[i * wlen + w] >= 0;
+  }
+  if (4 * coded * h * (fk.atoms + fv.atoms) >= ka.size(0) + va.size(0)) {
     warm_cache(ka);
     warm_cache(va);
   }
