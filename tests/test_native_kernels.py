@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import platform
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
@@ -51,8 +53,7 @@ def ladder_of(codec: TensorCodec) -> torch.Tensor:
 
 def correlation_layouts() -> list[str]:
     """The correlation tables this build takes (fp32 always; bf16 / int8 per instruction set)."""
-    isa = OPS.isa() if OPS is not None else ""
-    return ["fp32"] + ["bf16"] * ("bf16" in isa) + ["int8"] * ("vnni" in isa)
+    return native.correlation_layouts(OPS) if OPS is not None else ["fp32"]
 
 
 def encode_native(codec: TensorCodec, x: torch.Tensor, positions: torch.Tensor | None,
@@ -316,3 +317,33 @@ def test_a_failed_build_warns_once_and_falls_back():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert out.startswith("1 ") and "CSR_VLLM_NATIVE_DISABLE" in out
+
+
+# Every instruction-set tier the kernels have: AVX-512 (VNNI, BF16), AVX2 (its own int8
+# correlation and the 16-lane kernels as ymm pairs), and none. The default build covers this
+# CPU's tier; the others are built here too (a build that failed only on other CPUs once sent
+# every AVX2 machine to the reference path): run where this CPU can, else compiled only.
+TIERS = {"sapphirerapids": ("avx512_vnni_bf16", {"avx512f", "avx512_vnni", "avx512_bf16", "avx512bw"}),
+         "x86-64-v3": ("avx2", {"avx2", "fma"}), "x86-64": ("generic", set())}
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86 instruction-set tiers")
+@pytest.mark.parametrize("march", list(TIERS))
+def test_every_instruction_set_tier_builds_and_matches_the_reference(march, tmp_path):
+    isa, flags = TIERS[march]
+    if OPS.isa() == isa:
+        pytest.skip("this CPU's own build, tested above")
+    cpu_flags = set(native._cpu_flags().split())
+    if not flags <= cpu_flags:  # cannot run here: the compiler must still take it
+        from torch.utils import cpp_extension
+        inc = [f"-I{p}" for p in cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]]
+        subprocess.run(["c++", "-fsyntax-only", "-std=c++20", "-O3", f"-march={march}", "-fopenmp",
+                        *inc, str(native.SOURCE)], check=True, capture_output=True, text=True)
+        return
+    env = dict(os.environ, CSR_VLLM_NATIVE_MARCH=march)
+    check = f"from csr_vllm import native; ops = native.load(); assert ops and ops.isa() == {isa!r}, native.error()"
+    subprocess.run([sys.executable, "-c", check], env=env, check=True, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "(reference or float64 or alike) and not tier"], env=env, capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:]

@@ -79,3 +79,13 @@ def test_wheel_holds_nothing_outside_the_csr_vllm_namespace(wheel_files):
     """dict_training/ and server/ install inside csr_vllm, never as top-level packages."""
     tops = {n.split("/")[0] for n in wheel_files}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"csr_vllm"}
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler on this machine")
+def test_the_native_kernels_build_on_this_machine():
+    # Where the set-up can compile them they must build: a build error falls back to the
+    # PyTorch reference (30x slower) with only a warning, which once hid that the kernels did
+    # not compile on any CPU without AVX-512 (tests/test_native_kernels.py then skipped).
+    from csr_vllm import native
+
+    assert native.load() is not None, native.error()

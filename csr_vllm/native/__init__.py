@@ -2,7 +2,8 @@
 
 Built from ``csrc/csr_cpu.cpp`` by ``python -m csr_vllm.native build`` (the Makefile's set-up
 runs it) or on first use, into ``<cache>/native/<key>`` (key: source, torch version and this
-CPU's instruction sets, since it is compiled with ``-march=native``). A failed build warns once
+CPU's instruction sets, since it is compiled with ``-march=native``, or the target named by
+``CSR_VLLM_NATIVE_MARCH``). A failed build warns once
 and :func:`load` returns None: callers then use the PyTorch reference, never crash.
 
 Ops (shapes in the project's notation; formats as :func:`format_ints`):
@@ -52,10 +53,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+# The instruction sets the build targets: ``native`` (this CPU's) unless this names another
+# ``-march`` (e.g. ``x86-64-v3``, AVX2 only: a build for a fleet of older CPUs, and how the
+# tests check the portable kernels on a CPU with AVX-512).
+MARCH_ENV = "CSR_VLLM_NATIVE_MARCH"
+
+
+def march() -> str:
+    return os.environ.get(MARCH_ENV) or "native"
+
+
 def build_dir() -> Path:
-    """Where this source, torch and CPU's build lives."""
+    """Where this source, torch, CPU and target's build lives."""
     key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
+                         + _cpu_flags().encode() + march().encode()).hexdigest()[:16]
     return cache_root() / "native" / key
 
 
@@ -66,7 +77,7 @@ def _build(verbose: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="csr_cpu", sources=[str(SOURCE)], build_directory=str(out),
-        extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"],
+        extra_cflags=["-O3", f"-march={march()}", "-fopenmp", "-ffp-contract=fast"],
         extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
 
 
@@ -140,8 +151,9 @@ def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
 
     * ``fp32``: [D, A] float32 (exact), no scale;
     * ``bf16``: [D/2, A, 2] bf16 channel pairs (AVX512-BF16), no scale;
-    * ``int8``: [D/4, A, 4] uint8 channel quads (AVX512-VNNI), each entry its atom's int8
-      value + 128, with [A] float32: each atom's scale (its largest magnitude / 127).
+    * ``int8``: [D/4, A, 4] uint8 channel quads (AVX512-VNNI, or AVX2's vpmaddubsw), each
+      entry its atom's int8 value + 128, with [A] float32: each atom's scale (its largest
+      magnitude / 127).
 
     A 64-byte line holds one channel pair / quad of 16 atoms (one SIMD register's lanes). Tried
     for int8: each 16-atom group's channels in consecutive lines instead, as fast for one token
@@ -171,9 +183,16 @@ def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30) -> str:
     """The fastest correlation layout this build takes for ``head_dim`` x ``num_atoms``."""
     if num_atoms < EXACT_BELOW_ATOMS:
         return "fp32"
-    isa = ops.isa()
-    if "vnni" in isa and head_dim % 4 == 0:
+    layouts = correlation_layouts(ops)
+    if "int8" in layouts and head_dim % 4 == 0:
         return "int8"
-    if "bf16" in isa and head_dim % 2 == 0:
+    if "bf16" in layouts and head_dim % 2 == 0:
         return "bf16"
     return "fp32"
+
+
+def correlation_layouts(ops) -> list[str]:
+    """The correlation tables this build's encoder takes: fp32 always, bf16 with AVX512-BF16,
+    int8 with AVX512-VNNI or AVX2."""
+    isa = ops.isa()
+    return ["fp32"] + ["bf16"] * ("bf16" in isa) + ["int8"] * ("vnni" in isa or isa == "avx2")

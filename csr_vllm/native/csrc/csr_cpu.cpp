@@ -28,8 +28,19 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+// int8 correlation: AVX512-VNNI, else AVX2 (vpmaddubsw: Zen 2/3, Intel before Ice Lake).
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define CSR_I8_VNNI 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CSR_I8_AVX2 1
+#endif
+// The attention and dense-decode kernels' 16-lane vectors (namespace v16).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define CSR_V16 1
 #endif
 
 namespace csr {
@@ -352,16 +363,16 @@ void dispatch_rows(std::integer_sequence<int, Rs...>, int64_t rows, const float*
 
 constexpr int kRescore = 4;  // lane winners rescored in fp32 (bf16 / int8 correlation)
 
-#if defined(__AVX512F__)
 // The kRescore best lanes of one row's quantised scores (per-lane value bv, index bi)
 // rescored exactly in fp32, then the range's tail [a, a1) (fewer than 16 atoms) exactly.
 inline void rescore_lanes(const float* bv, const int32_t* bi, const float* rr, const AtomRows& atoms,
-                          int64_t d, int64_t a, int64_t a1, float& best_abs, int32_t& best_idx) {
+                          int64_t d, int64_t a, int64_t a1, float& best_abs, int32_t& best_idx,
+                          int keep = kRescore) {
   int order[16];
   alignas(64) float buf[256];
   for (int x = 0; x < 16; ++x) order[x] = x;
-  std::partial_sort(order, order + kRescore, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
-  for (int x = 0; x < kRescore; ++x) {
+  std::partial_sort(order, order + keep, order + 16, [&](int u, int w) { return bv[u] > bv[w]; });
+  for (int x = 0; x < keep; ++x) {
     if (bv[order[x]] < 0.0f) break;  // an empty lane (range shorter than 16 atoms)
     const int32_t id = bi[order[x]];
     const float v = std::fabs(dot(rr, atoms.row(id, buf), d));
@@ -372,6 +383,101 @@ inline void rescore_lanes(const float* bv, const int32_t* bi, const float* rr, c
     if (v > best_abs) { best_abs = v; best_idx = static_cast<int32_t>(t); }
   }
 }
+
+// A residual row as s8 channel quads (quads[j * stride]) with entries in [-qmax, qmax], and
+// the int8 + 128 table's offset correction 128 * sum(entries).
+inline int32_t quantize_row_s8(const float* r, int64_t d, int qmax, int32_t* quads, int64_t stride) {
+  float mx = 0.0f;
+  for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(r[j]));
+  const float inv = mx > 0.0f ? static_cast<float>(qmax) / mx : 1.0f;
+  int32_t sum = 0;
+  for (int64_t j = 0; j < d / 4; ++j) {
+    uint32_t w = 0;
+    for (int b = 0; b < 4; ++b) {
+      const int v = std::min(qmax, std::max(-qmax, static_cast<int>(std::nearbyint(r[4 * j + b] * inv))));
+      sum += v;
+      w |= uint32_t(static_cast<uint8_t>(static_cast<int8_t>(v))) << (8 * b);
+    }
+    quads[j * stride] = static_cast<int32_t>(w);
+  }
+  return 128 * sum;
+}
+
+// The int8 correlation table: [D/4, A, 4] uint8 (each atom's int8 value + 128) and a scale per
+// atom (python: csr_vllm.native.correlation_table).
+struct I8Table {
+  const uint8_t* q;      // [D/4, A, 4], int8 + 128
+  const float* scale;    // [A]
+};
+
+#if defined(CSR_I8_AVX2)
+// int8 correlation with AVX2: vpmaddubsw multiplies the table's u8 by the row's s8 and sums
+// pairs into s16 (saturating), vpmaddwd by ones widens to s32. No pair may saturate: 2 x 255
+// x 63 < 2^15, so rows are quantised to [-63, 63] (the VNNI path's s32 sums take 127). Lanes
+// as on the VNNI path (16 atoms a pass, two 8-atom halves), the kRescore best of 16 lanes
+// rescored in fp32, so the pick is the exact one except where the coarse scores hide it.
+constexpr int kAvx2Rows = 4;  // 2 x 4 accumulators + table, broadcast and ones: 12 of 16 ymm
+constexpr int kAvx2Rescore = 8;  // the 7-bit rows' coarser scores: twice the VNNI path's lanes
+
+template <int R>
+void best_atoms_i8_avx2(const float* res, int64_t d, const I8Table& t8, const AtomRows& atoms,
+                        int64_t a0, int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
+  alignas(32) int32_t quads[64][R];
+  int32_t offset[R];
+  for (int r = 0; r < R; ++r) offset[r] = quantize_row_s8(res + r * d, d, 63, &quads[0][r], R);
+  alignas(32) float bv[R][16];
+  alignas(32) int32_t bi[R][16];
+  for (int r = 0; r < R; ++r) { std::fill(bv[r], bv[r] + 16, -1.0f); std::fill(bi[r], bi[r] + 16, 0); }
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const int64_t stride = a_total * 4;
+  int64_t a = a0;
+  for (; a + 16 <= a1; a += 16) {
+    __m256i acc[2][R];
+    for (int q = 0; q < 2; ++q)
+      for (int r = 0; r < R; ++r) acc[q][r] = _mm256_setzero_si256();
+    const uint8_t* col = t8.q + a * 4;
+    for (int64_t j = 0; j < d / 4; ++j, col += stride) {
+      // 4 passes ahead: a pass's channel quads are D/4 lines a_total * 4 bytes apart.
+      _mm_prefetch(reinterpret_cast<const char*>(col + 64 * 4), _MM_HINT_T0);
+      const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
+      const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + 32));
+      for (int r = 0; r < R; ++r) {
+        const __m256i b = _mm256_set1_epi32(quads[j][r]);
+        acc[0][r] = _mm256_add_epi32(acc[0][r], _mm256_madd_epi16(_mm256_maddubs_epi16(c0, b), ones));
+        acc[1][r] = _mm256_add_epi32(acc[1][r], _mm256_madd_epi16(_mm256_maddubs_epi16(c1, b), ones));
+      }
+    }
+    for (int q = 0; q < 2; ++q) {
+      const __m256 sc = _mm256_loadu_ps(t8.scale + a + 8 * q);
+      const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(a + 8 * q)), lane);
+      for (int r = 0; r < R; ++r) {
+        const __m256 v = _mm256_and_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(
+            _mm256_sub_epi32(acc[q][r], _mm256_set1_epi32(offset[r]))), sc), absmask);
+        const __m256 old = _mm256_load_ps(bv[r] + 8 * q);
+        const __m256 gt = _mm256_cmp_ps(v, old, _CMP_GT_OQ);
+        _mm256_store_ps(bv[r] + 8 * q, _mm256_blendv_ps(old, v, gt));
+        const __m256i oi = _mm256_load_si256(reinterpret_cast<const __m256i*>(bi[r] + 8 * q));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(bi[r] + 8 * q),
+                           _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(oi), _mm256_castsi256_ps(ids), gt)));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    rescore_lanes(bv[r], bi[r], res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r], kAvx2Rescore);
+}
+
+template <int... Rs>
+void dispatch_rows_i8_avx2(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
+                           const I8Table& t8, const AtomRows& atoms, int64_t a0, int64_t a1,
+                           int64_t a_total, float* best_abs, int32_t* best_idx) {
+  ((rows == Rs + 1 ? best_atoms_i8_avx2<Rs + 1>(res, d, t8, atoms, a0, a1, a_total, best_abs, best_idx)
+                   : void()), ...);
+}
+#endif
+
+#if defined(__AVX512F__)
 
 // Per-lane running best |score| and its atom of R rows (16 lanes each), then each row's pick:
 // the best lanes rescored in fp32 (rescore_lanes). Shared by the bf16 and int8 correlations.
@@ -452,11 +558,6 @@ void dispatch_rows_bf16(std::integer_sequence<int, Rs...>, int64_t rows, const f
 // broadcast memory operand (VNNI multiplies u8 by s8: the row must be the s8 side to be
 // broadcast for free); the offset's 128 * sum(row) comes back out once per row.
 // Candidates are rescored in fp32 as on the bf16 path.
-struct I8Table {
-  const uint8_t* q;      // [D/4, A, 4], int8 + 128
-  const float* scale;    // [A]
-};
-
 // One pass over atoms [a, a + 16 G): G groups of 16 atoms, each row's correlations kept in
 // registers, then the lane bests updated (group q covers atoms a + 16 q + lane).
 template <int R, int G>
@@ -649,6 +750,18 @@ void best_atoms(const float* res, int64_t rows, int64_t d, const float* atoms_t,
 void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
                     const AtomRows& atoms, int64_t a0, int64_t a1, int64_t a_total,
                     float* best_abs, int32_t* best_idx) {
+#if defined(CSR_I8_AVX2)
+  if (t.i8) {
+    const I8Table t8{t.i8, t.i8_scale};
+    for (int64_t r0 = 0; r0 < rows; r0 += kAvx2Rows) {
+      const int64_t nr = std::min<int64_t>(kAvx2Rows, rows - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
+      dispatch_rows_i8_avx2(std::make_integer_sequence<int, kAvx2Rows>{}, nr, res + r0 * d, d, t8, atoms,
+                            a0, a1, a_total, best_abs + r0, best_idx + r0);
+    }
+    return;
+  }
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   if (t.i8) {
     const I8Table t8{t.i8, t.i8_scale};
@@ -812,8 +925,8 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   const int64_t a_total = atoms.size(0);
   at::Tensor i8_scale;
   if (quads) {
-#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
-    TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI (see csr_cpu::isa)");
+#if !defined(CSR_I8_VNNI) && !defined(CSR_I8_AVX2)
+    TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI or AVX2 (see csr_cpu::isa)");
 #endif
     TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
                 atoms_t.size(2) == 4 && d % 4 == 0 && d <= 256, "int8 atoms_t must be [D/4, A, 4] uint8");
@@ -906,9 +1019,15 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   ar.d = d;
   if (atoms.scalar_type() == at::kBFloat16) ar.b16 = atoms.data_ptr<c10::BFloat16>();
   else ar.f32 = atoms.data_ptr<float>();
-  const int64_t blocks = (rows + kRows - 1) / kRows;
+  // Few rows (a decode step's) and more threads than row blocks: split the atom range, or,
+  // for a quantised table, the rows: splitting the atoms there would rescore each range's
+  // best lanes instead of the whole range's, and a row's code would depend on the batch.
   const int64_t threads = at::get_num_threads();
-  const int64_t splits = blocks >= threads || screened ? 1 : std::min<int64_t>((threads + blocks - 1) / blocks, a_total / 512 + 1);
+  const bool exact_table = !quads && !pairs;
+  const int64_t block_rows = exact_table || rows >= kRows * threads ? kRows
+                             : std::max<int64_t>(1, (rows + threads - 1) / threads);
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const int64_t splits = blocks >= threads || screened || !exact_table ? 1 : std::min<int64_t>((threads + blocks - 1) / blocks, a_total / 512 + 1);
   const int64_t span = ((a_total + splits - 1) / splits + 15) / 16 * 16;
   std::vector<float> part_abs(splits * rows);
   std::vector<int32_t> part_idx(splits * rows);
@@ -1018,7 +1137,7 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
     at::parallel_for(0, blocks * splits, 1, [&](int64_t w0, int64_t w1) {
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t b = w / splits, sp = w % splits;
-        const int64_t r0 = b * kRows, nr = std::min<int64_t>(kRows, rows - r0);
+        const int64_t r0 = b * block_rows, nr = std::min<int64_t>(block_rows, rows - r0);
         const int64_t a0 = std::min(a_total, sp * span), a1 = std::min(a_total, a0 + span);
         best_atoms_any(&res[r0 * d], nr, d, table, ar, a0, a1, a_total, &part_abs[sp * rows + r0], &part_idx[sp * rows + r0]);
       }
@@ -1127,7 +1246,7 @@ void warm_cache(const at::Tensor& t) {
 }
 }  // namespace
 
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
 // What the vectorised rows of decode_dense read (decode_dense_rows, defined with the
 // attention kernel's register helpers below).
 struct DenseArgs {
@@ -1180,7 +1299,7 @@ void decode_dense(const at::Tensor& kv_cache, const at::Tensor& blocks_in, const
     warm_cache(ka);
     warm_cache(va);
   }
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
   if (bf16_atoms && (d == 64 || d == 128 || d == 256)) {  // the vectorised rows (below)
     const Decoder dk(fk, klp, mk), dv(fv, vlp, mv);
     const DenseArgs args{&dk, &dv, cache, cache + kv_cache.numel(), blocks.data_ptr<int64_t>(),
@@ -1266,39 +1385,135 @@ struct AttnArgs {
   float scale;
 };
 
+// Value accumulation in the dictionary's domain ("bins"): sum_t p_t v_t = sum_a w_a D_a with
+// w_a = sum over (t, s) of p_t c_ts where idx_ts = a, so each coded value costs S vector
+// adds (all G heads at once) instead of S row gathers, plus one A x D pass per (request, KV
+// head). Taken when a context holds at least kBinFactor x A value atom references
+// (t * S >= kBinFactor * A). Outside the AVX-512 kernel (vectorised head_dim) never.
+constexpr int64_t kBinFactor = 1;
+
+// -- 16 float lanes: one zmm register with AVX-512, a pair of ymm registers with AVX2 --------
+// The attention kernel below is written once against these; with AVX2 (Zen 2/3, Intel before
+// Skylake-SP) each op is two 8-lane ops, the same arithmetic in the same order, so both builds
+// agree bit for bit on everything but exp's last place.
+#if defined(CSR_V16)
+namespace v16 {
+#define CSR_V16_INLINE inline __attribute__((always_inline))
 #if defined(__AVX512F__)
+using F = __m512;
+CSR_V16_INLINE F set1(float x) { return _mm512_set1_ps(x); }
+CSR_V16_INLINE F setzero() { return _mm512_setzero_ps(); }
+CSR_V16_INLINE F loadu(const float* p) { return _mm512_loadu_ps(p); }
+CSR_V16_INLINE F load(const float* p) { return _mm512_load_ps(p); }
+CSR_V16_INLINE void storeu(float* p, F v) { _mm512_storeu_ps(p, v); }
+CSR_V16_INLINE void store(float* p, F v) { _mm512_store_ps(p, v); }
+CSR_V16_INLINE F add(F a, F b) { return _mm512_add_ps(a, b); }
+CSR_V16_INLINE F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+CSR_V16_INLINE F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+CSR_V16_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+CSR_V16_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+CSR_V16_INLINE F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+CSR_V16_INLINE bool any_nonzero(F v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0; }
+CSR_V16_INLINE F load_bf16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+CSR_V16_INLINE F round_nearest(F x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+CSR_V16_INLINE F scale_pow2(F p, F i) { return _mm512_scalef_ps(p, i); }  // p * 2^i
+// The lane sums of four vectors, as one vector (sum a, sum b, sum c, sum d).
+CSR_V16_INLINE __m128 hsum4(F a, F b, F c, F d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#else
+struct F {
+  __m256 lo, hi;
+};
+CSR_V16_INLINE F set1(float x) { const __m256 v = _mm256_set1_ps(x); return {v, v}; }
+CSR_V16_INLINE F setzero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+CSR_V16_INLINE F loadu(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+CSR_V16_INLINE F load(const float* p) { return {_mm256_load_ps(p), _mm256_load_ps(p + 8)}; }
+CSR_V16_INLINE void storeu(float* p, F v) { _mm256_storeu_ps(p, v.lo); _mm256_storeu_ps(p + 8, v.hi); }
+CSR_V16_INLINE void store(float* p, F v) { _mm256_store_ps(p, v.lo); _mm256_store_ps(p + 8, v.hi); }
+CSR_V16_INLINE F add(F a, F b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
+CSR_V16_INLINE F sub(F a, F b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
+CSR_V16_INLINE F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+CSR_V16_INLINE F max(F a, F b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+CSR_V16_INLINE F fmadd(F a, F b, F c) { return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)}; }
+CSR_V16_INLINE F fnmadd(F a, F b, F c) { return {_mm256_fnmadd_ps(a.lo, b.lo, c.lo), _mm256_fnmadd_ps(a.hi, b.hi, c.hi)}; }
+CSR_V16_INLINE bool any_nonzero(F v) {
+  const __m256 z = _mm256_setzero_ps();
+  return (_mm256_movemask_ps(_mm256_cmp_ps(v.lo, z, _CMP_NEQ_UQ)) | _mm256_movemask_ps(_mm256_cmp_ps(v.hi, z, _CMP_NEQ_UQ))) != 0;
+}
+CSR_V16_INLINE F load_bf16(const c10::BFloat16* p) {
+  const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i hi = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(lo), 16)),
+          _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(hi), 16))};
+}
+CSR_V16_INLINE F round_nearest(F x) {
+  return {_mm256_round_ps(x.lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+          _mm256_round_ps(x.hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+}
+CSR_V16_INLINE __m256 scale_pow2_8(__m256 p, __m256 i) {  // p * 2^i, i integral in [-126, 0]
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(i), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+CSR_V16_INLINE F scale_pow2(F p, F i) { return {scale_pow2_8(p.lo, i.lo), scale_pow2_8(p.hi, i.hi)}; }
+CSR_V16_INLINE __m128 hsum4(F a, F b, F c, F d) {
+  // Each 8-lane half as the 512-bit version's 128-bit lanes: pairs, then quads, then halves.
+  auto four = [](__m256 a, __m256 b, __m256 c, __m256 d) {
+    const __m256 ab = _mm256_add_ps(_mm256_unpacklo_ps(a, b), _mm256_unpackhi_ps(a, b));
+    const __m256 cd = _mm256_add_ps(_mm256_unpacklo_ps(c, d), _mm256_unpackhi_ps(c, d));
+    const __m256d abd = _mm256_castps_pd(ab), cdd = _mm256_castps_pd(cd);
+    return _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(abd, cdd)), _mm256_castpd_ps(_mm256_unpackhi_pd(abd, cdd)));
+  };
+  const __m256 s = _mm256_add_ps(four(a.lo, b.lo, c.lo, d.lo), four(a.hi, b.hi, c.hi, d.hi));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+#endif
+// exp(x) for x <= 0 (softmax weights): 2^(x log2 e) as 2^i * p(f), p a degree-6 polynomial
+// (relative error ~2e-7, below the bf16 output's rounding).
+CSR_V16_INLINE F exp_nonpos(F x) {
+  x = max(x, set1(-87.0f));
+  const F t = mul(x, set1(1.44269504088896341f));
+  const F i = round_nearest(t);
+  const F f = sub(t, i);  // [-0.5, 0.5]
+  F p = set1(1.535336188319500e-4f);
+  p = fmadd(p, f, set1(1.339887440266574e-3f));
+  p = fmadd(p, f, set1(9.618437357674640e-3f));
+  p = fmadd(p, f, set1(5.550332471162809e-2f));
+  p = fmadd(p, f, set1(2.402264791363012e-1f));
+  p = fmadd(p, f, set1(6.931472028550421e-1f));
+  p = fmadd(p, f, set1(1.0f));
+  return scale_pow2(p, i);
+}
+}  // namespace v16
+#endif
+
+#if defined(CSR_V16)
 // Register-level helpers of the attention kernel: always inlined (an out-of-line call passes
 // the vectors through memory once per token).
 #define CSR_VINLINE inline __attribute__((always_inline))
 
 // exp(x) for x <= 0 (softmax weights): 2^(x log2 e) as 2^i * p(f), p a degree-6 polynomial
 // (relative error ~2e-7, below the bf16 output's rounding).
-CSR_VINLINE __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 i = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, i);  // [-0.5, 0.5]
-  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, i);
-}
+CSR_VINLINE v16::F exp_ps(v16::F x) { return v16::exp_nonpos(x); }
 
 template <int D>
 struct VecD {
   static constexpr int U = D / 16;
-  __m512 v[U];
+  v16::F v[U];
 };
 
-CSR_VINLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-CSR_VINLINE __m512 load16(const c10::BFloat16* p) {  // bf16 -> fp32 is a 16-bit shift
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
+CSR_VINLINE v16::F load16(const float* p) { return v16::loadu(p); }
+CSR_VINLINE v16::F load16(const c10::BFloat16* p) { return v16::load_bf16(p); }
 
 template <typename T>
 inline void prefetch_row(const T* row, int64_t d) {
@@ -1308,11 +1523,11 @@ inline void prefetch_row(const T* row, int64_t d) {
 
 template <int D, typename T>
 CSR_VINLINE void rebuild_v(const Code& code, int64_t atoms_n, const T* atoms, VecD<D>& out) {
-  for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = _mm512_setzero_ps();
+  for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = v16::setzero();
   for (int64_t s = 0; s < atoms_n; ++s) {
-    const __m512 c = _mm512_set1_ps(code.coef[s]);
+    const v16::F c = v16::set1(code.coef[s]);
     const T* a = atoms + int64_t(code.idx[s]) * D;
-    for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = _mm512_fmadd_ps(c, load16(a + 16 * u), out.v[u]);
+    for (int u = 0; u < VecD<D>::U; ++u) out.v[u] = v16::fmadd(c, load16(a + 16 * u), out.v[u]);
   }
 }
 
@@ -1320,15 +1535,15 @@ template <int D>
 CSR_VINLINE void rope_v(VecD<D>& x, const float* cos, const float* sin) {
   constexpr int H2 = VecD<D>::U / 2;
   for (int u = 0; u < H2; ++u) {
-    const __m512 lo = x.v[u], hi = x.v[u + H2];
-    x.v[u] = _mm512_fnmadd_ps(hi, _mm512_loadu_ps(sin + 16 * u), _mm512_mul_ps(lo, _mm512_loadu_ps(cos + 16 * u)));
-    x.v[u + H2] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(sin + 16 * (u + H2)), _mm512_mul_ps(hi, _mm512_loadu_ps(cos + 16 * (u + H2))));
+    const v16::F lo = x.v[u], hi = x.v[u + H2];
+    x.v[u] = v16::fnmadd(hi, v16::loadu(sin + 16 * u), v16::mul(lo, v16::loadu(cos + 16 * u)));
+    x.v[u + H2] = v16::fmadd(lo, v16::loadu(sin + 16 * (u + H2)), v16::mul(hi, v16::loadu(cos + 16 * (u + H2))));
   }
 }
 
 template <int D>
 CSR_VINLINE void load_v(const float* src, VecD<D>& x) {
-  for (int u = 0; u < VecD<D>::U; ++u) x.v[u] = _mm512_loadu_ps(src + 16 * u);
+  for (int u = 0; u < VecD<D>::U; ++u) x.v[u] = v16::loadu(src + 16 * u);
 }
 
 // A token's scores for its G query heads sit side by side in GP lanes (G rounded up to 4, 8
@@ -1356,54 +1571,44 @@ struct GVec<8> {
 };
 template <>
 struct GVec<16> {
-  using V = __m512;
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static bool any(V v) { return _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_NEQ_UQ) != 0; }
+  using V = v16::F;
+  static V load(const float* p) { return v16::loadu(p); }
+  static void store(float* p, V v) { v16::storeu(p, v); }
+  static V fma(V a, V b, V c) { return v16::fmadd(a, b, c); }
+  static V set1(float x) { return v16::set1(x); }
+  static bool any(V v) { return v16::any_nonzero(v); }
 };
 
 // The lane sums of four vectors, as one vector (sum a, sum b, sum c, sum d).
-CSR_VINLINE __m128 hsum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
-  const __m512 s = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
-                                 _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(s),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
 
 // Scores of key k against the G scaled queries qs [G, D], into out[0, GP) (lanes >= G: 0).
 template <int D, int GP>
 CSR_VINLINE void group_scores(const VecD<D>& k, const float* qs, int64_t g, float* out) {
   for (int j = 0; j < GP; j += 4) {
-    __m512 s[4];
+    v16::F s[4];
     for (int y = 0; y < 4; ++y) {
       if (j + y >= g) {
-        s[y] = _mm512_setzero_ps();
+        s[y] = v16::setzero();
         continue;
       }
       const float* qy = qs + (j + y) * D;
-      s[y] = _mm512_mul_ps(k.v[0], _mm512_load_ps(qy));
-      for (int u = 1; u < VecD<D>::U; ++u) s[y] = _mm512_fmadd_ps(k.v[u], _mm512_load_ps(qy + 16 * u), s[y]);
+      s[y] = v16::mul(k.v[0], v16::load(qy));
+      for (int u = 1; u < VecD<D>::U; ++u) s[y] = v16::fmadd(k.v[u], v16::load(qy + 16 * u), s[y]);
     }
-    _mm_storeu_ps(out + j, hsum4(s[0], s[1], s[2], s[3]));
+    _mm_storeu_ps(out + j, v16::hsum4(s[0], s[1], s[2], s[3]));
   }
 }
 
 // Per-head max / sum of token-major scores sc [n, GP] (n * GP a multiple of 16) into out[GP].
 template <int GP, bool kMax>
 inline void fold_heads(const float* sc, int64_t n, float* out) {
-  __m512 r = _mm512_set1_ps(kMax ? -INFINITY : 0.0f);
+  v16::F r = v16::set1(kMax ? -INFINITY : 0.0f);
   for (int64_t x = 0; x < n * GP; x += 16) {
-    const __m512 v = _mm512_loadu_ps(sc + x);
-    r = kMax ? _mm512_max_ps(r, v) : _mm512_add_ps(r, v);
+    const v16::F v = v16::loadu(sc + x);
+    r = kMax ? v16::max(r, v) : v16::add(r, v);
   }
   alignas(64) float lanes[16];
-  _mm512_store_ps(lanes, r);
+  v16::store(lanes, r);
   for (int y = 0; y < GP; ++y) out[y] = lanes[y];
   for (int l = GP; l < 16; ++l) out[l % GP] = kMax ? std::max(out[l % GP], lanes[l]) : out[l % GP] + lanes[l];
 }
@@ -1413,17 +1618,10 @@ template <int GP>
 inline void exp_heads(float* sc, int64_t n, const float* m) {
   alignas(64) float rep[16];
   for (int l = 0; l < 16; ++l) rep[l] = m[l % GP];
-  const __m512 mv = _mm512_load_ps(rep);
+  const v16::F mv = v16::load(rep);
   for (int64_t x = 0; x < n * GP; x += 16)
-    _mm512_storeu_ps(sc + x, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sc + x), mv)));
+    v16::storeu(sc + x, exp_ps(v16::sub(v16::loadu(sc + x), mv)));
 }
-
-// Value accumulation in the dictionary's domain ("bins"): sum_t p_t v_t = sum_a w_a D_a with
-// w_a = sum over (t, s) of p_t c_ts where idx_ts = a, so each coded value costs S vector
-// adds (all G heads at once) instead of S row gathers, plus one A x D pass per (request, KV
-// head). Taken when a context holds at least kBinFactor x A value atom references
-// (t * S >= kBinFactor * A).
-constexpr int64_t kBinFactor = 1;
 
 // One work item: request i, KV head `head`, tokens [t0, t1); partial softmax state out.
 // Tiles of kT tokens, software-pipelined: while a tile's keys are rebuilt, the next tile's
@@ -1536,8 +1734,8 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
     for (int64_t y = 0; y < g; ++y) {
       l[y] = l[y] * corr[y] + sum[y];
       if (corr[y] != 1.0f) {
-        const __m512 cv = _mm512_set1_ps(corr[y]);
-        for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(acc + y * D + 16 * u, _mm512_mul_ps(cv, _mm512_loadu_ps(acc + y * D + 16 * u)));
+        const v16::F cv = v16::set1(corr[y]);
+        for (int u = 0; u < VecD<D>::U; ++u) v16::storeu(acc + y * D + 16 * u, v16::mul(cv, v16::loadu(acc + y * D + 16 * u)));
       }
       m[y] = mx[y];
     }
@@ -1550,9 +1748,9 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
         rebuild_v<D>(tl.vc[x], A.fv.atoms, va, v);
       }
       for (int64_t y = 0; y < g; ++y) {
-        const __m512 e = _mm512_set1_ps(scores[x * GP + y]);
+        const v16::F e = v16::set1(scores[x * GP + y]);
         float* a = acc + y * D;
-        for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
+        for (int u = 0; u < VecD<D>::U; ++u) v16::storeu(a + 16 * u, v16::fmadd(e, v.v[u], v16::loadu(a + 16 * u)));
       }
     }
   }
@@ -1580,9 +1778,9 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
       if (!plain && exact(p, 0)) {  // exact for K and V alike
         load_v<D>(exact(p, 1), v);
         for (int64_t y = 0; y < g; ++y) {
-          const __m512 e = _mm512_set1_ps(sc[y]);
+          const v16::F e = v16::set1(sc[y]);
           float* a = acc + y * D;
-          for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(a + 16 * u, _mm512_fmadd_ps(e, v.v[u], _mm512_loadu_ps(a + 16 * u)));
+          for (int u = 0; u < VecD<D>::U; ++u) v16::storeu(a + 16 * u, v16::fmadd(e, v.v[u], v16::loadu(a + 16 * u)));
         }
         continue;
       }
@@ -1600,7 +1798,7 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
     const int64_t yn = std::min<int64_t>(YB, g - y0);
     VecD<D> o[YB];
     for (int y = 0; y < YB; ++y)
-      for (int u = 0; u < VecD<D>::U; ++u) o[y].v[u] = _mm512_setzero_ps();
+      for (int u = 0; u < VecD<D>::U; ++u) o[y].v[u] = v16::setzero();
     for (int64_t a = 0; a < a_n; ++a) {
       const float* w = bin + a * GP;
       if (!G::any(G::load(w))) continue;  // an atom no token uses
@@ -1608,19 +1806,19 @@ void attend_item(const AttnArgs& A, const T* ka, const T* va, int64_t i, int64_t
       VecD<D> atom;
       for (int u = 0; u < VecD<D>::U; ++u) atom.v[u] = load16(row_a + 16 * u);
       for (int y = 0; y < YB; ++y) {
-        const __m512 wy = _mm512_set1_ps(y < yn ? w[y0 + y] : 0.0f);
-        for (int u = 0; u < VecD<D>::U; ++u) o[y].v[u] = _mm512_fmadd_ps(wy, atom.v[u], o[y].v[u]);
+        const v16::F wy = v16::set1(y < yn ? w[y0 + y] : 0.0f);
+        for (int u = 0; u < VecD<D>::U; ++u) o[y].v[u] = v16::fmadd(wy, atom.v[u], o[y].v[u]);
       }
     }
     for (int64_t y = 0; y < yn; ++y) {
       float* out = acc + (y0 + y) * D;
-      for (int u = 0; u < VecD<D>::U; ++u) _mm512_storeu_ps(out + 16 * u, _mm512_add_ps(o[y].v[u], _mm512_loadu_ps(out + 16 * u)));
+      for (int u = 0; u < VecD<D>::U; ++u) v16::storeu(out + 16 * u, v16::add(o[y].v[u], v16::loadu(out + 16 * u)));
     }
   }
 }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
 template <int D, typename T>
 void attend_dispatch_d(const AttnArgs& A, const T* ka, const T* va, bool bins, int64_t i, int64_t head, int64_t t0,
                        int64_t t1, float* m, float* l, float* acc) {
@@ -1645,7 +1843,7 @@ void attend_dispatch(const AttnArgs& A, const T* ka, const T* va, bool bins, int
 }
 #endif
 
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
 // decode_dense's rows with bf16 dictionaries and a vectorised head_dim: codes through the
 // Decoder, K and V rebuilt in registers (rebuild_v, rope_v as decode attention does).
 template <int D>
@@ -1669,14 +1867,14 @@ void decode_dense_rows(const DenseArgs& A, int64_t w0, int64_t w1) {
       const int64_t row = ((r * A.bs + o) * A.h + head) * D;
       if (A.ok32) {
         for (int u = 0; u < VecD<D>::U; ++u) {
-          _mm512_storeu_ps(A.ok32 + row + 16 * u, k.v[u]);
-          _mm512_storeu_ps(A.ov32 + row + 16 * u, v.v[u]);
+          v16::storeu(A.ok32 + row + 16 * u, k.v[u]);
+          v16::storeu(A.ov32 + row + 16 * u, v.v[u]);
         }
         continue;
       }
       for (int u = 0; u < VecD<D>::U; ++u) {
-        _mm512_store_ps(kb + 16 * u, k.v[u]);
-        _mm512_store_ps(vb + 16 * u, v.v[u]);
+        v16::store(kb + 16 * u, k.v[u]);
+        v16::store(vb + 16 * u, v.v[u]);
       }
       for (int64_t j = 0; j < D; ++j) {  // c10's rounding, as the scalar path
         A.ok16[row + j] = kb[j];
@@ -1706,7 +1904,7 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   const at::Tensor table = block_table_in.to(at::kLong).contiguous();
   const at::Tensor lens = seq_lens_in.to(at::kLong).contiguous();
   const at::Tensor rows = rows_in.to(at::kLong).contiguous();
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
   // bf16 dictionaries are read as they are (the fast kernel converts rows in registers).
   const bool bf16_atoms = key_atoms_in.scalar_type() == at::kBFloat16 &&
                           value_atoms_in.scalar_type() == at::kBFloat16 &&
@@ -1740,7 +1938,7 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
   const float* vlp = fv.kind == 2 ? vl.data_ptr<float>() : nullptr;
 
   // Work items (request, KV head, split); partial (max, sum, acc[G, D]) per item.
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
   const bool bins_allowed = d == 64 || d == 128 || d == 256;  // the vectorised kernel's
 #else
   const bool bins_allowed = false;
@@ -1771,7 +1969,7 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
                 wlen ? widx.data_ptr<int64_t>() : nullptr, &own_k, &own_v, &win, apply,
                 static_cast<float>(scale)};
   (void)args;
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
   const bool fast = d == 64 || d == 128 || d == 256;
 #else
   const bool fast = false;
@@ -1795,7 +1993,7 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
     warm_cache(va);
   }
   at::parallel_for(0, splits * h, 1, [&](int64_t w0, int64_t w1) {
-#if defined(__AVX512F__)
+#if defined(CSR_V16)
     if (fast) {
       for (int64_t w = w0; w < w1; ++w) {
         const int64_t sidx = w / h, head = w % h;
@@ -1940,6 +2138,8 @@ std::string isa() {
   return "avx512_bf16";
 #elif defined(__AVX512F__)
   return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+  return "avx2";
 #else
   return "generic";
 #endif
