@@ -590,22 +590,7 @@ __attribute__((always_inline)) inline void i8_pass(const int32_t (*__restrict qu
 // Rows res [R, D] as s8 channel quads (quads[j][r]) with their offset correction.
 template <int R>
 inline void quantize_rows(const float* res, int64_t d, int32_t (*quads)[R], __m512i* offset) {
-  for (int r = 0; r < R; ++r) {
-    float mx = 0.0f;
-    for (int64_t j = 0; j < d; ++j) mx = std::max(mx, std::fabs(res[r * d + j]));
-    const float inv = mx > 0.0f ? 127.0f / mx : 1.0f;
-    int32_t sum = 0;
-    for (int64_t j = 0; j < d / 4; ++j) {
-      uint32_t w = 0;
-      for (int b = 0; b < 4; ++b) {
-        const int v = std::min(127, std::max(-127, static_cast<int>(std::nearbyint(res[r * d + 4 * j + b] * inv))));
-        sum += v;
-        w |= uint32_t(static_cast<uint8_t>(static_cast<int8_t>(v))) << (8 * b);
-      }
-      quads[j][r] = static_cast<int32_t>(w);
-    }
-    offset[r] = _mm512_set1_epi32(128 * sum);
-  }
+  for (int r = 0; r < R; ++r) offset[r] = _mm512_set1_epi32(quantize_row_s8(res + r * d, d, 127, &quads[0][r], R));
 }
 
 // One row, G groups of 16 atoms, the channel quads split over 4 accumulators per group
