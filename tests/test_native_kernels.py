@@ -171,6 +171,43 @@ def test_encode_store_codes_a_row_alike_in_any_batch(gen, atoms, layout):
         torch.testing.assert_close(one_err[0], batch_err[i], atol=0, rtol=0)
 
 
+def test_the_blocked_int8_table_holds_the_strided_tables_entries(gen):
+    """AVX2's [A/16, D/4, 16, 4] table: the same entries and scales as VNNI's [D/4, A, 4], the
+    atoms past A (padding to 16) zero with scale 0."""
+    atoms = torch.randn(1030, 64, generator=gen)
+    atoms = atoms / atoms.norm(dim=-1, keepdim=True)
+    strided, scale = native.correlation_table(atoms, "int8")
+    blocked, blocked_scale = native.correlation_table(atoms, "int8-blocked")
+    assert blocked.shape == (65, 16, 16, 4) and blocked_scale.shape == (1040,)
+    per_atom = blocked.permute(0, 2, 1, 3).reshape(1040, 64)
+    assert torch.equal(per_atom[:1030], strided.permute(1, 0, 2).reshape(1030, 64))
+    assert (per_atom[1030:] == 128).all() and (blocked_scale[1030:] == 0).all()
+    assert torch.equal(blocked_scale[:1030], scale)
+
+
+@pytest.mark.skipif(OPS is None or not {"int8", "int8-blocked"} & set(correlation_layouts()),
+                    reason="no int8 correlation in this build")
+def test_encode_store_refuses_the_other_int8_layout(gen):
+    """An int8 table in the layout the other tier takes is refused by name, not misread."""
+    taken = "int8" if "int8" in correlation_layouts() else "int8-blocked"
+    other = "int8-blocked" if taken == "int8" else "int8"
+    codec = make_codec(gen, 64, 1024, 2, "fp16")
+    x = torch.randn(1, 1, 64, generator=gen)
+    with pytest.raises(RuntimeError, match=f"layout {taken}"):
+        encode_native(codec, x, None, layout=other)
+
+
+@pytest.mark.parametrize("layout", correlation_layouts())
+def test_encode_store_finds_the_last_atoms_of_a_dictionary_not_a_multiple_of_16(gen, layout):
+    """Atoms in a group of 16 past the dictionary's end (the blocked table's padding) are never
+    picked; the real last ones are."""
+    codec = make_codec(gen, 64, 1030, 2, "fp16")
+    a = codec.atoms[0]
+    x = (3.0 * a[1029] + 1.0 * a[1026])[None, None]
+    slots, _ = encode_native(codec, x, None, layout=layout)
+    assert sorted(codec.unpack(slots.reshape(1, -1)).indices.flatten().tolist()) == [1026, 1029]
+
+
 @pytest.mark.parametrize("layout", correlation_layouts())
 def test_encode_store_undoes_rope_and_writes_only_its_bytes(gen, layout):
     d = 64

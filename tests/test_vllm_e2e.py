@@ -59,12 +59,15 @@ def run_engine(spec: dict, timeout: int = 900) -> dict | list:
 
 @pytest.fixture(scope="session")
 def prompts(tokenizer, eval_text):
-    """Two short chat prompts (inside the 128-token dense window) and three held-out passages
-    whose lengths sit just under a 128-token block boundary, so decoding needs new blocks."""
+    """Two short chat prompts (inside the 128-token dense window) and two held-out passages
+    whose lengths sit just under a 128-token block boundary, so decoding needs new blocks.
+    Prefill is most of an engine's time where bf16 is emulated (CPUs without AVX512-BF16 or
+    AMX: ~30 s for 1k tokens on a Zen 3 core), so every engine of the module prefills these
+    634 tokens (a third 500-token passage was dropped: 1,134 before)."""
     ids = tokenizer(eval_text[:80000])["input_ids"]
     short = [tokenizer("The capital of France is")["input_ids"],
              tokenizer("Write a haiku about the sea:")["input_ids"]]
-    return short + [ids[0:250], ids[3000:3370], ids[6000:6500]]
+    return short + [ids[0:250], ids[3000:3370]]
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +96,11 @@ def other_model_dict(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, request):
     """scenario(name) -> that engine's results (each engine starts once per session)."""
-    # 6 blocks of 128 tokens: the prompts need 11 at once and one more each while decoding.
-    pressured = {"num_gpu_blocks_override": 6, "max_model_len": 640,
+    # 5 blocks of 128 tokens, 4 usable (vLLM keeps one as its null block): the prompts (with
+    # the shared-prefix one below) need 9 at once, the passages one more each while decoding,
+    # and the first three alone fill the pool, so the 250-token passage's next block can only
+    # come from preempting a running request.
+    pressured = {"num_gpu_blocks_override": 5, "max_model_len": 512,
                  "enable_prefix_caching": True}
     refused = {"prompts": [[1, 2]], "max_tokens": 1, "refused": True}
     specs = {
@@ -146,10 +152,10 @@ def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, req
         "csr-2b-adapt-pressured": {"csr": {"dict": DEFAULT, "preset": "csr-2b",
                                            "adapt_atoms": 3}, "engine": pressured},
         # Streams dropped mid-way through AsyncLLM (driver.cancel_mid_stream), then one
-        # request that needs 5 of the pool's 6 blocks. Six streams of the shortest passage
+        # request that needs 5 of the pool's 6 blocks. Six streams of the shorter passage
         # (2 blocks each, a third when decoding): more than the pool holds at once.
         "cancel": {"mode": "cancel", "prompts": prompts[2:3] * 6,
-                   "fill_prompt": prompts[-1] + prompts[2][:100],
+                   "fill_prompt": prompts[-1] + prompts[2],
                    "csr": {"dict": test_dict, "preset": "csr-2b"},
                    "engine": {"num_gpu_blocks_override": 6, "max_model_len": 640,
                               "enable_prefix_caching": False}},
@@ -252,21 +258,21 @@ def test_native_kernels_generate_what_the_reference_generates(scenario, record_p
 def test_preemption_and_prefix_caching_lose_no_request(scenario):
     stock = scenario("bf16-pressured")
     res = scenario("lossless-pressured")
-    assert res["num_blocks"] == 6 and res["preemptions"] > 0
+    assert res["num_blocks"] == 5 and res["preemptions"] > 0
     assert all(len(o) == MAX_TOKENS for o in res["outputs"])
     # Exactly what stock vLLM generates under the same preemptions and prefix-cache hits
     # (batch composition changes float summation order, so the reference is stock vLLM
     # under the same pressure, not the unpressured run).
     assert res["outputs"] == stock["outputs"]
-    assert agreement(res["outputs"][:5], scenario("lossless")["outputs"]) > 0.8
+    assert agreement(res["outputs"][:4], scenario("lossless")["outputs"]) > 0.8
 
 
 def test_dense_layers_are_exact_under_preemption_and_prefix_caching(scenario):
     stock, dense = scenario("bf16-pressured"), scenario("dense-pressured")
     assert dense["preemptions"] > 0 and dense["csr"]["active"]
     assert dense["outputs"] == stock["outputs"]
-    # 30 layers x 6 blocks x 3 KV heads x 128 slots x (K + V) x 64 channels x 2 bytes
-    assert dense["csr"]["side_bytes"]["dense_layers"] == 30 * 6 * 3 * 128 * 2 * 64 * 2
+    # 30 layers x 5 blocks x 3 KV heads x 128 slots x (K + V) x 64 channels x 2 bytes
+    assert dense["csr"]["side_bytes"]["dense_layers"] == 30 * 5 * 3 * 128 * 2 * 64 * 2
 
 
 def test_lossy_csr_under_pressure_completes(scenario, record_property):

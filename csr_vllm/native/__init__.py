@@ -151,26 +151,33 @@ def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
 
     * ``fp32``: [D, A] float32 (exact), no scale;
     * ``bf16``: [D/2, A, 2] bf16 channel pairs (AVX512-BF16), no scale;
-    * ``int8``: [D/4, A, 4] uint8 channel quads (AVX512-VNNI, or AVX2's vpmaddubsw), each
-      entry its atom's int8 value + 128, with [A] float32: each atom's scale (its largest
-      magnitude / 127).
+    * ``int8``: [D/4, A, 4] uint8 channel quads (AVX512-VNNI), each entry its atom's int8
+      value + 128, with [A] float32: each atom's scale (its largest magnitude / 127);
+    * ``int8-blocked``: the same entries as [A/16, D/4, 16, 4] (AVX2's vpmaddubsw), A padded
+      to a multiple of 16 with zero atoms (scale 0), the scale [A padded].
 
-    A 64-byte line holds one channel pair / quad of 16 atoms (one SIMD register's lanes). Tried
-    for int8: each 16-atom group's channels in consecutive lines instead, as fast for one token
-    and 25% slower from 48 rows up on this CPU, so not kept. bf16 and int8 candidates are
-    rescored in fp32 against ``atoms``."""
+    ``int8``: a 64-byte line holds one channel quad of 16 atoms (one SIMD register's lanes), so
+    a pass over 16 atoms reads D/4 lines A * 4 bytes apart. ``int8-blocked``: a 16-atom group's
+    channels in consecutive lines (one contiguous D * 16 bytes a pass): on AVX-512 (Sapphire
+    Rapids) as fast as ``int8`` for one token and 25% slower from 48 rows up, so VNNI keeps
+    ``int8``; on AVX2 (Zen 3) faster (docs/results.md, *Read and write paths*). bf16 and int8
+    candidates are rescored in fp32 against ``atoms``."""
     a, d = atoms.shape
     if layout == "fp32":
         return atoms.t().contiguous(), torch.empty(0)
     if layout == "bf16":
         return atoms.to(torch.bfloat16).reshape(a, d // 2, 2).permute(1, 0, 2).contiguous(), \
             torch.empty(0)
-    if layout != "int8":
+    if layout not in ("int8", "int8-blocked"):
         raise ValueError(f"unknown correlation layout {layout!r}")
     scale = atoms.abs().amax(dim=1).clamp_min(1e-30) / 127.0
     q = (torch.round(atoms / scale[:, None]).clamp(-127, 127) + 128).to(torch.uint8)
-    quads = q.reshape(a, d // 4, 4).permute(1, 0, 2).contiguous()
-    return quads, scale
+    if layout == "int8":
+        return q.reshape(a, d // 4, 4).permute(1, 0, 2).contiguous(), scale
+    pad = -a % 16
+    q = torch.cat([q, torch.full((pad, d), 128, dtype=torch.uint8)])
+    blocked = q.reshape((a + pad) // 16, 16, d // 4, 4).permute(0, 2, 1, 3).contiguous()
+    return blocked, torch.cat([scale, torch.zeros(pad)])
 
 
 # Dictionaries smaller than this are correlated exactly in fp32: they cost little, and a
@@ -184,8 +191,9 @@ def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30) -> str:
     if num_atoms < EXACT_BELOW_ATOMS:
         return "fp32"
     layouts = correlation_layouts(ops)
-    if "int8" in layouts and head_dim % 4 == 0:
-        return "int8"
+    for int8 in ("int8", "int8-blocked"):
+        if int8 in layouts and head_dim % 4 == 0:
+            return int8
     if "bf16" in layouts and head_dim % 2 == 0:
         return "bf16"
     return "fp32"
@@ -193,6 +201,7 @@ def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30) -> str:
 
 def correlation_layouts(ops) -> list[str]:
     """The correlation tables this build's encoder takes: fp32 always, bf16 with AVX512-BF16,
-    int8 with AVX512-VNNI or AVX2."""
+    int8 with AVX512-VNNI, int8-blocked with AVX2 (and no VNNI)."""
     isa = ops.isa()
-    return ["fp32"] + ["bf16"] * ("bf16" in isa) + ["int8"] * ("vnni" in isa or isa == "avx2")
+    return (["fp32"] + ["bf16"] * ("bf16" in isa) + ["int8"] * ("vnni" in isa)
+            + ["int8-blocked"] * (isa == "avx2"))

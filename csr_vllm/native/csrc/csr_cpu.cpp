@@ -403,25 +403,33 @@ inline int32_t quantize_row_s8(const float* r, int64_t d, int qmax, int32_t* qua
   return 128 * sum;
 }
 
-// The int8 correlation table: [D/4, A, 4] uint8 (each atom's int8 value + 128) and a scale per
-// atom (python: csr_vllm.native.correlation_table).
+// The int8 correlation table (python: csr_vllm.native.correlation_table): each atom's int8
+// value + 128 (uint8) and a scale per atom, in one of two layouts:
+// * ``int8`` [D/4, A, 4] (VNNI): a 64-byte line holds one channel quad of 16 atoms, so any
+//   atom range starts on a lane (the screened search's clusters), and a pass over 16 atoms
+//   reads D/4 lines A * 4 bytes apart;
+// * ``int8-blocked`` [A/16, D/4, 16, 4] (AVX2), A padded to a multiple of 16: a pass reads one
+//   contiguous D * 16 bytes, which the hardware prefetcher follows (faster than the strided
+//   layout on Zen 3, docs/results.md; on Sapphire Rapids it was not, so VNNI keeps that one).
 struct I8Table {
-  const uint8_t* q;      // [D/4, A, 4], int8 + 128
-  const float* scale;    // [A]
+  const uint8_t* q;
+  const float* scale;  // [A], blocked: [A padded to 16], 0 past A
 };
 
 #if defined(CSR_I8_AVX2)
-// int8 correlation with AVX2: vpmaddubsw multiplies the table's u8 by the row's s8 and sums
-// pairs into s16 (saturating), vpmaddwd by ones widens to s32. No pair may saturate: 2 x 255
-// x 63 < 2^15, so rows are quantised to [-63, 63] (the VNNI path's s32 sums take 127). Lanes
-// as on the VNNI path (16 atoms a pass, two 8-atom halves), the kRescore best of 16 lanes
-// rescored in fp32, so the pick is the exact one except where the coarse scores hide it.
+// int8 correlation with AVX2 over the blocked table: vpmaddubsw multiplies the table's u8 by
+// the row's s8 and sums pairs into s16 (saturating), vpmaddwd by ones widens to s32. No pair
+// may saturate: 2 x 255 x 63 < 2^15, so rows are quantised to [-63, 63] (the VNNI path's s32
+// sums take 127). 16 atoms a pass (two 8-atom halves); lanes outside [a0, a1) are masked off
+// (a range may start and end inside a group: the screened search's clusters); the
+// kAvx2Rescore best of 16 lanes rescored in fp32, so the pick is the exact one except where
+// the coarse scores hide it.
 constexpr int kAvx2Rows = 4;  // 2 x 4 accumulators + table, broadcast and ones: 12 of 16 ymm
 constexpr int kAvx2Rescore = 8;  // the 7-bit rows' coarser scores: twice the VNNI path's lanes
 
 template <int R>
 void best_atoms_i8_avx2(const float* res, int64_t d, const I8Table& t8, const AtomRows& atoms,
-                        int64_t a0, int64_t a1, int64_t a_total, float* best_abs, int32_t* best_idx) {
+                        int64_t a0, int64_t a1, float* best_abs, int32_t* best_idx) {
   alignas(32) int32_t quads[64][R];
   int32_t offset[R];
   for (int r = 0; r < R; ++r) offset[r] = quantize_row_s8(res + r * d, d, 63, &quads[0][r], R);
@@ -430,17 +438,17 @@ void best_atoms_i8_avx2(const float* res, int64_t d, const I8Table& t8, const At
   for (int r = 0; r < R; ++r) { std::fill(bv[r], bv[r] + 16, -1.0f); std::fill(bi[r], bi[r] + 16, 0); }
   const __m256i ones = _mm256_set1_epi16(1);
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i first = _mm256_set1_epi32(static_cast<int32_t>(a0 - 1));
+  const __m256i end = _mm256_set1_epi32(static_cast<int32_t>(a1));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-  const int64_t stride = a_total * 4;
-  int64_t a = a0;
-  for (; a + 16 <= a1; a += 16) {
+  const int64_t group_bytes = 16 * d;
+  for (int64_t a = a0 / 16 * 16; a < a1; a += 16) {
     __m256i acc[2][R];
     for (int q = 0; q < 2; ++q)
       for (int r = 0; r < R; ++r) acc[q][r] = _mm256_setzero_si256();
-    const uint8_t* col = t8.q + a * 4;
-    for (int64_t j = 0; j < d / 4; ++j, col += stride) {
-      // 4 passes ahead: a pass's channel quads are D/4 lines a_total * 4 bytes apart.
-      _mm_prefetch(reinterpret_cast<const char*>(col + 64 * 4), _MM_HINT_T0);
+    const uint8_t* col = t8.q + a * d;
+    for (int64_t j = 0; j < d / 4; ++j, col += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(col + 2 * group_bytes), _MM_HINT_T0);
       const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col));
       const __m256i c1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(col + 32));
       for (int r = 0; r < R; ++r) {
@@ -452,11 +460,13 @@ void best_atoms_i8_avx2(const float* res, int64_t d, const I8Table& t8, const At
     for (int q = 0; q < 2; ++q) {
       const __m256 sc = _mm256_loadu_ps(t8.scale + a + 8 * q);
       const __m256i ids = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int32_t>(a + 8 * q)), lane);
+      const __m256 live = _mm256_castsi256_ps(_mm256_and_si256(_mm256_cmpgt_epi32(ids, first),
+                                                               _mm256_cmpgt_epi32(end, ids)));
       for (int r = 0; r < R; ++r) {
         const __m256 v = _mm256_and_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(
             _mm256_sub_epi32(acc[q][r], _mm256_set1_epi32(offset[r]))), sc), absmask);
         const __m256 old = _mm256_load_ps(bv[r] + 8 * q);
-        const __m256 gt = _mm256_cmp_ps(v, old, _CMP_GT_OQ);
+        const __m256 gt = _mm256_and_ps(_mm256_cmp_ps(v, old, _CMP_GT_OQ), live);
         _mm256_store_ps(bv[r] + 8 * q, _mm256_blendv_ps(old, v, gt));
         const __m256i oi = _mm256_load_si256(reinterpret_cast<const __m256i*>(bi[r] + 8 * q));
         _mm256_store_si256(reinterpret_cast<__m256i*>(bi[r] + 8 * q),
@@ -465,14 +475,14 @@ void best_atoms_i8_avx2(const float* res, int64_t d, const I8Table& t8, const At
     }
   }
   for (int r = 0; r < R; ++r)
-    rescore_lanes(bv[r], bi[r], res + r * d, atoms, d, a, a1, best_abs[r], best_idx[r], kAvx2Rescore);
+    rescore_lanes(bv[r], bi[r], res + r * d, atoms, d, a1, a1, best_abs[r], best_idx[r], kAvx2Rescore);
 }
 
 template <int... Rs>
 void dispatch_rows_i8_avx2(std::integer_sequence<int, Rs...>, int64_t rows, const float* res, int64_t d,
                            const I8Table& t8, const AtomRows& atoms, int64_t a0, int64_t a1,
-                           int64_t a_total, float* best_abs, int32_t* best_idx) {
-  ((rows == Rs + 1 ? best_atoms_i8_avx2<Rs + 1>(res, d, t8, atoms, a0, a1, a_total, best_abs, best_idx)
+                           float* best_abs, int32_t* best_idx) {
+  ((rows == Rs + 1 ? best_atoms_i8_avx2<Rs + 1>(res, d, t8, atoms, a0, a1, best_abs, best_idx)
                    : void()), ...);
 }
 #endif
@@ -706,8 +716,8 @@ void dispatch_rows_i8(std::integer_sequence<int, Rs...>, int64_t rows, const flo
 struct CorrTable {
   const float* fp32 = nullptr;      // [D, A]
   const uint16_t* bf16 = nullptr;   // [D/2, A, 2]
-  const uint8_t* i8 = nullptr;      // [D/4, A, 4] int8 + 128, with:
-  const float* i8_scale = nullptr;  // [A]
+  const uint8_t* i8 = nullptr;      // int8 + 128 (I8Table's layout for this build), with:
+  const float* i8_scale = nullptr;  // [A] (blocked: padded to 16)
 };
 
 void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
@@ -742,7 +752,7 @@ void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& 
       const int64_t nr = std::min<int64_t>(kAvx2Rows, rows - r0);
       for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
       dispatch_rows_i8_avx2(std::make_integer_sequence<int, kAvx2Rows>{}, nr, res + r0 * d, d, t8, atoms,
-                            a0, a1, a_total, best_abs + r0, best_idx + r0);
+                            a0, a1, best_abs + r0, best_idx + r0);
     }
     return;
   }
@@ -913,10 +923,21 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
 #if !defined(CSR_I8_VNNI) && !defined(CSR_I8_AVX2)
     TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI or AVX2 (see csr_cpu::isa)");
 #endif
-    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
-                atoms_t.size(2) == 4 && d % 4 == 0 && d <= 256, "int8 atoms_t must be [D/4, A, 4] uint8");
     i8_scale = corr_scale_in.to(at::kFloat).contiguous();
+#if defined(CSR_I8_AVX2)
+    const int64_t groups = (a_total + 15) / 16;
+    TORCH_CHECK(atoms_t.dim() == 4 && atoms_t.size(0) == groups && atoms_t.size(1) == d / 4 &&
+                atoms_t.size(2) == 16 && atoms_t.size(3) == 4 && d % 4 == 0,
+                "this build's int8 correlation takes the blocked [A/16, D/4, 16, 4] uint8 table "
+                "(layout int8-blocked)");
+    TORCH_CHECK(i8_scale.dim() == 1 && i8_scale.size(0) == groups * 16,
+                "int8-blocked atoms_t needs corr_scale [A padded to 16]");
+#else
+    TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
+                atoms_t.size(2) == 4 && d % 4 == 0, "this build's int8 correlation takes the "
+                "[D/4, A, 4] uint8 table (layout int8)");
     TORCH_CHECK(i8_scale.dim() == 1 && i8_scale.size(0) == a_total, "int8 atoms_t needs corr_scale [A]");
+#endif
   } else if (pairs) {
 #if !defined(__AVX512BF16__)
     TORCH_CHECK(false, "bf16 correlation tables need a build with AVX512-BF16 (see csr_cpu::isa)");
