@@ -97,7 +97,8 @@ def other_model_dict(tmp_path_factory) -> str:
 def scenario(model_dir, prompts, identity_dict, test_dict, other_model_dict, request):
     """scenario(name) -> that engine's results (each engine starts once per session)."""
     # 5 blocks of 128 tokens, 4 usable (vLLM keeps one as its null block): the prompts (with
-    # the shared-prefix one below) need 9 at once, the passages one more each while decoding,
+    # the shared-prefix one below) need 10 at once (8 with the shared blocks), the passages
+    # one more each while decoding,
     # and the first three alone fill the pool, so the 250-token passage's next block can only
     # come from preempting a running request.
     pressured = {"num_gpu_blocks_override": 5, "max_model_len": 512,

@@ -160,8 +160,9 @@ def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
     a pass over 16 atoms reads D/4 lines A * 4 bytes apart. ``int8-blocked``: a 16-atom group's
     channels in consecutive lines (one contiguous D * 16 bytes a pass): on AVX-512 (Sapphire
     Rapids) as fast as ``int8`` for one token and 25% slower from 48 rows up, so VNNI keeps
-    ``int8``; on AVX2 (Zen 3) faster (docs/results.md, *Read and write paths*). bf16 and int8
-    candidates are rescored in fp32 against ``atoms``."""
+    ``int8``; on AVX2 (Zen 3) faster for the encoder alone, within the machine's spread through
+    a decode step (docs/results.md, *AVX2: the blocked int8 table*). bf16 and int8 candidates
+    are rescored in fp32 against ``atoms``."""
     a, d = atoms.shape
     if layout == "fp32":
         return atoms.t().contiguous(), torch.empty(0)
