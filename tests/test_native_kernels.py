@@ -185,8 +185,23 @@ def test_the_blocked_int8_table_holds_the_strided_tables_entries(gen):
     assert torch.equal(blocked_scale[:1030], scale)
 
 
-@pytest.mark.skipif(OPS is None or not {"int8", "int8-blocked"} & set(correlation_layouts()),
-                    reason="no int8 correlation in this build")
+@pytest.mark.skipif(OPS is None or "amx" not in OPS.isa(), reason="no AMX in this build or CPU")
+@pytest.mark.parametrize("d,s", [(64, 7), (128, 14), (256, 9)])
+@pytest.mark.parametrize("rows", [1, 5, 16, 37])
+def test_amx_tiles_code_exactly_as_the_vnni_kernel(gen, d, s, rows):
+    """AMX over the blocked table computes VNNI's int32 sums and updates the lanes in the same
+    order, so every slot and error is bit-equal to the VNNI kernel's (not only near-tie
+    close to the reference's); 1030 atoms: a last partial group of 16."""
+    codec = make_codec(gen, d, 1030, s, "log5")
+    x = torch.randn(rows, 3, d, generator=gen) * torch.linspace(2, 0.2, d)
+    vnni, vnni_err = encode_native(codec, x, None, layout="int8")
+    amx, amx_err = encode_native(codec, x, None, layout="int8-blocked")
+    assert torch.equal(amx, vnni)
+    torch.testing.assert_close(amx_err, vnni_err, atol=0, rtol=0)
+
+
+@pytest.mark.skipif(OPS is None or len({"int8", "int8-blocked"} & set(correlation_layouts())) != 1,
+                    reason="this build takes no int8 table, or both (AMX)")
 def test_encode_store_refuses_the_other_int8_layout(gen):
     """An int8 table in the layout the other tier takes is refused by name, not misread."""
     taken = "int8" if "int8" in correlation_layouts() else "int8-blocked"
@@ -360,7 +375,7 @@ def test_a_failed_build_warns_once_and_falls_back():
 # correlation and the 16-lane kernels as ymm pairs), and none. The default build covers this
 # CPU's tier; the others are built here too (a build that failed only on other CPUs once sent
 # every AVX2 machine to the reference path): run where this CPU can, else compiled only.
-TIERS = {"sapphirerapids": ("avx512_vnni_bf16", {"avx512f", "avx512_vnni", "avx512_bf16", "avx512bw"}),
+TIERS = {"sapphirerapids": ("avx512_vnni_bf16_amx", {"avx512f", "avx512_vnni", "avx512_bf16", "avx512bw", "amx_tile", "amx_int8"}),
          "x86-64-v3": ("avx2", {"avx2", "fma"}), "x86-64": ("generic", set())}
 
 

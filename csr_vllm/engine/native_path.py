@@ -63,7 +63,7 @@ class TensorTables:
             the rounding (2^-9 of an entry) is far below the codes' own error.
         atoms_t, corr_scale: the encoder's correlation table (atoms in SIMD lanes), the
             fastest this build takes (:func:`csr_vllm.native.best_layout`): int8 channel
-            quads with per-atom scales (AVX512-VNNI), bf16 pairs (AVX512-BF16), or exact
+            quads with per-atom scales (AVX512-VNNI; blocked for AVX2 and AMX), bf16 pairs (AVX512-BF16), or exact
             fp32; int8 and bf16 candidates are rescored in fp32.
         ladder: [S, M] float32 ladder table of a logB code, else empty.
         fmt: :func:`csr_vllm.native.format_ints` at the tensor's byte offset in the slot.
@@ -88,7 +88,7 @@ class TensorTables:
     def of(cls, codec: TensorCodec, offset: int, ops) -> TensorTables:
         source = codec.atoms[0]
         atoms = source.to(torch.bfloat16).contiguous()
-        layout = native.best_layout(ops, atoms.shape[1], atoms.shape[0])
+        layout = native.best_layout(ops, atoms.shape[1], atoms.shape[0], bool(codec.clusters))
         atoms_t, corr_scale = native.correlation_table(atoms.float(), layout)
         ladder = codec.ladder_table()
         screen = codec.clusters[0] if codec.clusters else None

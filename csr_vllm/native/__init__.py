@@ -153,7 +153,8 @@ def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
     * ``bf16``: [D/2, A, 2] bf16 channel pairs (AVX512-BF16), no scale;
     * ``int8``: [D/4, A, 4] uint8 channel quads (AVX512-VNNI), each entry its atom's int8
       value + 128, with [A] float32: each atom's scale (its largest magnitude / 127);
-    * ``int8-blocked``: the same entries as [A/16, D/4, 16, 4] (AVX2's vpmaddubsw), A padded
+    * ``int8-blocked``: the same entries as [A/16, D/4, 16, 4] (AVX2's vpmaddubsw; AMX's B
+      tiles, 64 channels of a 16-atom group per tile), A padded
       to a multiple of 16 with zero atoms (scale 0), the scale [A padded].
 
     ``int8``: a 64-byte line holds one channel quad of 16 atoms (one SIMD register's lanes), so
@@ -187,11 +188,16 @@ def correlation_table(atoms: torch.Tensor, layout: str) -> tuple[torch.Tensor, t
 EXACT_BELOW_ATOMS = 1024
 
 
-def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30) -> str:
-    """The fastest correlation layout this build takes for ``head_dim`` x ``num_atoms``."""
+def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30, screened: bool = False) -> str:
+    """The fastest correlation layout this build takes for ``head_dim`` x ``num_atoms``.
+
+    With AMX the full search takes ``int8-blocked`` (AMX tiles, head_dim 64 / 128 / 256); the
+    screened search keeps ``int8`` (its VNNI tiles of rows per cluster)."""
     if num_atoms < EXACT_BELOW_ATOMS:
         return "fp32"
     layouts = correlation_layouts(ops)
+    if "amx" in ops.isa() and not screened and head_dim in (64, 128, 256):
+        return "int8-blocked"
     for int8 in ("int8", "int8-blocked"):
         if int8 in layouts and head_dim % 4 == 0:
             return int8
@@ -202,7 +208,7 @@ def best_layout(ops, head_dim: int, num_atoms: int = 1 << 30) -> str:
 
 def correlation_layouts(ops) -> list[str]:
     """The correlation tables this build's encoder takes: fp32 always, bf16 with AVX512-BF16,
-    int8 with AVX512-VNNI, int8-blocked with AVX2 (and no VNNI)."""
+    int8 with AVX512-VNNI, int8-blocked with AVX2 (and no VNNI) or AMX."""
     isa = ops.isa()
     return (["fp32"] + ["bf16"] * ("bf16" in isa) + ["int8"] * ("vnni" in isa)
-            + ["int8-blocked"] * (isa == "avx2"))
+            + ["int8-blocked"] * (isa == "avx2" or "amx" in isa))

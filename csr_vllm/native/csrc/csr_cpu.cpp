@@ -38,6 +38,12 @@
 #elif defined(__AVX2__) && defined(__FMA__)
 #define CSR_I8_AVX2 1
 #endif
+// AMX int8 tiles (Sapphire Rapids and later) for the full search over the blocked table.
+#if defined(CSR_I8_VNNI) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define CSR_I8_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 // The attention and dense-decode kernels' 16-lane vectors (namespace v16).
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #define CSR_V16 1
@@ -711,6 +717,124 @@ void dispatch_rows_i8(std::integer_sequence<int, Rs...>, int64_t rows, const flo
 }
 #endif
 
+
+#if defined(CSR_I8_AMX)
+// Linux hands out AMX's tile state only on request (once per process); without it the
+// blocked table is not offered (isa() has no "_amx") and the VNNI kernel serves.
+bool amx_ready() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                 18 /* XFEATURE_XTILEDATA */) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// int8 correlation with AMX over the blocked table [A/16, D/4, 16, 4]: a 16-atom group's
+// D/64 K-chunks are B tiles as they lie (16 channel-quad rows of 64 bytes), the rows' s8
+// channels the A tiles, so _tile_dpbsud (s8 x u8) gives the VNNI kernel's int32 sums exactly;
+// scores, lane updates (ascending atoms per lane) and the rescoring are the VNNI path's, so
+// the picks are too. The C tiles go through memory to the lane bests: that reduce, not the
+// tile multiply, bounds the kernel (~3x VNNI's rate, docs/results.md). tmm0..KQ-1: the rows;
+// KQ, KQ+1: B (alternating); KQ+2..KQ+1+NC: C.
+// GCC's tile intrinsics take literal register numbers (they are pasted into the asm), so each
+// head_dim's tile plan is written out. Group g's K-chunk k is the 1 KiB at block + (g KQ + k) KiB.
+#define CSR_DP(c, a, b, p) do { _tile_loadd(b, p, 64); _tile_dpbsud(c, a, b); } while (0)
+template <int KQ>
+inline void amx_tiles(const uint8_t* b, int32_t (*cb)[16][16], int ng) {
+  if constexpr (KQ == 1) {  // rows tmm0, B tmm1/2, C tmm3..6
+    if (ng == 4) {
+      _tile_zero(3); _tile_zero(4); _tile_zero(5); _tile_zero(6);
+      CSR_DP(3, 0, 1, b); CSR_DP(4, 0, 2, b + 1024); CSR_DP(5, 0, 1, b + 2048); CSR_DP(6, 0, 2, b + 3072);
+      _tile_stored(3, cb[0], 64); _tile_stored(4, cb[1], 64); _tile_stored(5, cb[2], 64); _tile_stored(6, cb[3], 64);
+    } else {
+      _tile_zero(3); CSR_DP(3, 0, 1, b); _tile_stored(3, cb[0], 64);
+    }
+  } else if constexpr (KQ == 2) {  // rows tmm0/1, B tmm2/3, C tmm4..7
+    if (ng == 4) {
+      _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+      CSR_DP(4, 0, 2, b); CSR_DP(4, 1, 3, b + 1024); CSR_DP(5, 0, 2, b + 2048); CSR_DP(5, 1, 3, b + 3072);
+      CSR_DP(6, 0, 2, b + 4096); CSR_DP(6, 1, 3, b + 5120); CSR_DP(7, 0, 2, b + 6144); CSR_DP(7, 1, 3, b + 7168);
+      _tile_stored(4, cb[0], 64); _tile_stored(5, cb[1], 64); _tile_stored(6, cb[2], 64); _tile_stored(7, cb[3], 64);
+    } else {
+      _tile_zero(4); CSR_DP(4, 0, 2, b); CSR_DP(4, 1, 3, b + 1024); _tile_stored(4, cb[0], 64);
+    }
+  } else {  // KQ 4: rows tmm0..3, B tmm4/5, C tmm6/7
+    _tile_zero(6);
+    CSR_DP(6, 0, 4, b); CSR_DP(6, 1, 5, b + 1024); CSR_DP(6, 2, 4, b + 2048); CSR_DP(6, 3, 5, b + 3072);
+    _tile_stored(6, cb[0], 64);
+    if (ng == 2) {
+      _tile_zero(7);
+      CSR_DP(7, 0, 4, b + 4096); CSR_DP(7, 1, 5, b + 5120); CSR_DP(7, 2, 4, b + 6144); CSR_DP(7, 3, 5, b + 7168);
+      _tile_stored(7, cb[1], 64);
+    }
+  }
+}
+#undef CSR_DP
+
+template <int KQ>
+void best_atoms_amx(const float* res, int64_t rows, const I8Table& t8, const AtomRows& atoms, int64_t a0,
+                    int64_t a1, float* best_abs, int32_t* best_idx) {
+  constexpr int d = 64 * KQ, NC = KQ == 4 ? 2 : 4;
+  alignas(64) int8_t rowq[16][d];
+  alignas(64) int32_t cbuf[NC][16][16];
+  int32_t off[16];
+  for (int64_t r = 0; r < rows; ++r)
+    off[r] = quantize_row_s8(res + r * d, d, 127, reinterpret_cast<int32_t*>(rowq[r]), 1);
+  TileConfig cfg;
+  for (int t = 0; t < KQ + 2 + NC; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = static_cast<uint8_t>(t == KQ || t == KQ + 1 ? 16 : rows);
+  }
+  _tile_loadconfig(&cfg);  // every call: oneDNN reconfigures the tiles on this thread too
+  _tile_loadd(0, &rowq[0][0], d);
+  if constexpr (KQ >= 2) _tile_loadd(1, &rowq[0][64], d);
+  if constexpr (KQ == 4) { _tile_loadd(2, &rowq[0][128], d); _tile_loadd(3, &rowq[0][192], d); }
+  __m512 v[16];
+  __m512i ix[16];
+  for (int r = 0; r < 16; ++r) { v[r] = _mm512_set1_ps(-1.0f); ix[r] = _mm512_setzero_si512(); }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  auto reduce = [&](int64_t g0, int ng) {
+    for (int g = 0; g < ng; ++g) {
+      const int64_t a = 16 * (g0 + g);
+      const __mmask16 live = static_cast<__mmask16>(
+          _mm512_cmpge_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane), _mm512_set1_epi32(static_cast<int32_t>(a0))) &
+          _mm512_cmplt_epi32_mask(_mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane), _mm512_set1_epi32(static_cast<int32_t>(a1))));
+      const __m512 sc = _mm512_load_ps(t8.scale + a);
+      const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(a)), lane);
+      for (int64_t r = 0; r < rows; ++r) {
+        const __m512i sum = _mm512_load_si512(reinterpret_cast<const __m512i*>(cbuf[g][r]));
+        const __m512 s = _mm512_and_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_set1_epi32(off[r]))), sc), absm);
+        const __mmask16 gt = _mm512_mask_cmp_ps_mask(live, s, v[r], _CMP_GT_OQ);
+        v[r] = _mm512_mask_mov_ps(v[r], gt, s);
+        ix[r] = _mm512_mask_mov_epi32(ix[r], gt, ids);
+      }
+    }
+  };
+  const int64_t g_end = (a1 + 15) / 16;
+  int64_t g = a0 / 16;
+  for (; g + NC <= g_end; g += NC) {
+    amx_tiles<KQ>(t8.q + g * 16 * d, cbuf, NC);
+    reduce(g, NC);
+  }
+  for (; g < g_end; ++g) {
+    amx_tiles<KQ>(t8.q + g * 16 * d, cbuf, 1);
+    reduce(g, 1);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    alignas(64) float bv[16];
+    alignas(64) int32_t bi[16];
+    _mm512_store_ps(bv, v[r]);
+    _mm512_store_si512(reinterpret_cast<__m512i*>(bi), ix[r]);
+    rescore_lanes(bv, bi, res + r * d, atoms, d, a1, a1, best_abs[r], best_idx[r]);
+  }
+}
+#endif
+
 // Best atoms of `rows` residual rows over atoms [a0, a1): through the bf16 pair layout when
 // it is given (atoms_t2 != nullptr), else exactly in fp32 from atoms_t [D, A].
 struct CorrTable {
@@ -718,6 +842,7 @@ struct CorrTable {
   const uint16_t* bf16 = nullptr;   // [D/2, A, 2]
   const uint8_t* i8 = nullptr;      // int8 + 128 (I8Table's layout for this build), with:
   const float* i8_scale = nullptr;  // [A] (blocked: padded to 16)
+  bool blocked = false;             // i8 is int8-blocked (AVX2, AMX) rather than int8 (VNNI)
 };
 
 void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& t,
@@ -753,6 +878,19 @@ void best_atoms_any(const float* res, int64_t rows, int64_t d, const CorrTable& 
       for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
       dispatch_rows_i8_avx2(std::make_integer_sequence<int, kAvx2Rows>{}, nr, res + r0 * d, d, t8, atoms,
                             a0, a1, best_abs + r0, best_idx + r0);
+    }
+    return;
+  }
+#endif
+#if defined(CSR_I8_AMX)
+  if (t.i8 && t.blocked) {
+    const I8Table t8{t.i8, t.i8_scale};
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      const int64_t nr = std::min<int64_t>(16, rows - r0);
+      for (int64_t r = r0; r < r0 + nr; ++r) { best_abs[r] = -1.0f; best_idx[r] = 0; }
+      if (d == 64) best_atoms_amx<1>(res + r0 * d, nr, t8, atoms, a0, a1, best_abs + r0, best_idx + r0);
+      else if (d == 128) best_atoms_amx<2>(res + r0 * d, nr, t8, atoms, a0, a1, best_abs + r0, best_idx + r0);
+      else best_atoms_amx<4>(res + r0 * d, nr, t8, atoms, a0, a1, best_abs + r0, best_idx + r0);
     }
     return;
   }
@@ -919,24 +1057,37 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   TORCH_CHECK(atoms.dim() == 2 && atoms.size(1) == d, "atoms must be [A, D]");
   const int64_t a_total = atoms.size(0);
   at::Tensor i8_scale;
+  bool blocked = false;
   if (quads) {
 #if !defined(CSR_I8_VNNI) && !defined(CSR_I8_AVX2)
     TORCH_CHECK(false, "int8 correlation tables need a build with AVX512-VNNI or AVX2 (see csr_cpu::isa)");
 #endif
     i8_scale = corr_scale_in.to(at::kFloat).contiguous();
-#if defined(CSR_I8_AVX2)
+#if defined(CSR_I8_AMX)
+    blocked = atoms_t.dim() == 4;
+    TORCH_CHECK(!blocked || (amx_ready() && (d == 64 || d == 128 || d == 256)),
+                "the int8-blocked table needs AMX (granted by the OS) and head_dim 64, 128 or 256 on this build");
+#elif defined(CSR_I8_AVX2)
+    blocked = true;
+#endif
+#if defined(CSR_I8_AVX2) || defined(CSR_I8_AMX)
     const int64_t groups = (a_total + 15) / 16;
+    if (blocked) {
     TORCH_CHECK(atoms_t.dim() == 4 && atoms_t.size(0) == groups && atoms_t.size(1) == d / 4 &&
                 atoms_t.size(2) == 16 && atoms_t.size(3) == 4 && d % 4 == 0,
                 "this build's int8 correlation takes the blocked [A/16, D/4, 16, 4] uint8 table "
                 "(layout int8-blocked)");
     TORCH_CHECK(i8_scale.dim() == 1 && i8_scale.size(0) == groups * 16,
                 "int8-blocked atoms_t needs corr_scale [A padded to 16]");
-#else
+    }
+#endif
+#if !defined(CSR_I8_AVX2)
+    if (!blocked) {
     TORCH_CHECK(atoms_t.dim() == 3 && atoms_t.size(0) == d / 4 && atoms_t.size(1) == a_total &&
                 atoms_t.size(2) == 4 && d % 4 == 0, "this build's int8 correlation takes the "
                 "[D/4, A, 4] uint8 table (layout int8)");
     TORCH_CHECK(i8_scale.dim() == 1 && i8_scale.size(0) == a_total, "int8 atoms_t needs corr_scale [A]");
+    }
 #endif
   } else if (pairs) {
 #if !defined(__AVX512BF16__)
@@ -1016,6 +1167,7 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
   if (quads) {
     table.i8 = atoms_t.data_ptr<uint8_t>();
     table.i8_scale = i8_scale.data_ptr<float>();
+    table.blocked = blocked;
   } else if (pairs) {
     table.bf16 = reinterpret_cast<const uint16_t*>(atoms_t.data_ptr<at::BFloat16>());
   } else {
@@ -1057,7 +1209,7 @@ at::Tensor encode_store(const at::Tensor& x_in, const at::Tensor& positions,
             top_clusters(score.data(), n_clusters, probes, &probe[i * probes]);
           }
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-          if (table.i8) {
+          if (table.i8 && !table.blocked) {
             const I8Table t8{table.i8, table.i8_scale};
             for (int64_t i = 0; i < nr; ++i) {
               alignas(64) int32_t q1[64][1];
@@ -2136,7 +2288,9 @@ void decode_attention(const at::Tensor& query_in, const at::Tensor& kv_cache,
 
 // What this build vectorises with: the correlation layouts encode_store accepts follow.
 std::string isa() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#if defined(CSR_I8_AMX) && defined(__AVX512BF16__)
+  return amx_ready() ? "avx512_vnni_bf16_amx" : "avx512_vnni_bf16";
+#elif defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
   return "avx512_vnni_bf16";
 #elif defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return "avx512_vnni";
